@@ -1,0 +1,223 @@
+"""A decoder-only transformer for the Llama family and Qwen2: RMSNorm, RoPE, GQA, SwiGLU, scanned layers, KV cache.
+
+Positions and the key mask are explicit inputs, so left-padded batches are exact. One call serves training (no
+cache), prefill and decode (with a cache): with a cache of S slots, the T new tokens are written at slots
+`cache_index .. cache_index+T-1`, and a query at slot i attends to key slots j <= i where `kv_mask_bs[b, j]`.
+The whole cache rides in the layer scan's carry and each layer updates its slice in place — cheaper inside a decode
+`while_loop` than passing per-layer caches as scan inputs and outputs.
+
+Parameters (stacked over layers under `layers/`): embed [V,D]; attn_norm [D]; q [D,H,Dh]; k, v [D,KVH,Dh];
+(q_bias [H,Dh]; k_bias, v_bias [KVH,Dh]); o [H,Dh,D]; mlp_norm [D]; gate, up [D,F]; down [F,D]; final_norm [D];
+lm_head [D,V] (absent when tied).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from subl_jax import parallel
+from subl_jax.models.config import ModelConfig
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class KVCache(NamedTuple):
+  """Keys and values of every layer: [layers, batch, slots, kv_heads, head_dim]."""
+  k: jax.Array
+  v: jax.Array
+
+  @classmethod
+  def zeros(cls, cfg: ModelConfig, batch: int, slots: int) -> "KVCache":
+    shape = (cfg.n_layers, batch, slots, cfg.n_kv_heads, cfg.head_dim)
+    return cls(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
+
+  LOGICAL = ("layers", "batch", "length", "kv_heads", "head_dim")
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """Inverse frequencies [head_dim/2] in float32, as `transformers` computes them (incl. Llama 3 scaling)."""
+  exps = np.arange(0, cfg.head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(cfg.head_dim)
+  inv = (np.float32(1.0) / (np.float32(cfg.rope_theta) ** exps)).astype(np.float32)
+  if cfg.rope_scaling == "llama3":
+    low_wavelen = cfg.rope_original_max_len / cfg.rope_low_freq_factor
+    high_wavelen = cfg.rope_original_max_len / cfg.rope_high_freq_factor
+    wavelen = 2 * np.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / cfg.rope_factor, inv)
+    smooth = (cfg.rope_original_max_len / wavelen - cfg.rope_low_freq_factor) / (
+        cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+    smoothed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    inv = np.where(medium, smoothed, scaled).astype(np.float32)
+  return inv
+
+
+def apply_rope(x_bthd: jax.Array, cos_btd: jax.Array, sin_btd: jax.Array) -> jax.Array:
+  """Rotates halves (the `transformers` layout): x*cos + rotate_half(x)*sin, in float32."""
+  x = x_bthd.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  cos, sin = cos_btd[:, :, None, :], sin_btd[:, :, None, :]
+  return (x * cos + rotated * sin).astype(x_bthd.dtype)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], names: tuple[str, ...], init) -> jax.Array:
+  cfg = module.cfg
+  return module.param(name, nn.with_logical_partitioning(init, names), shape, cfg.param_dtype)
+
+
+class Block(nn.Module):
+  """One pre-norm transformer layer; the scan body (carry = (x, cache or None))."""
+  cfg: ModelConfig
+  mesh: Mesh | None = None
+
+  @nn.compact
+  def __call__(self, carry, layer_idx, cos_btd, sin_btd, kv_mask_bs, cache_index):
+    cfg, mesh = self.cfg, self.mesh
+    x, cache = carry
+    d, h, kvh, dh, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim
+    dense = nn.initializers.normal(0.02)
+    ones, zeros = nn.initializers.ones, nn.initializers.zeros
+    dt = cfg.dtype
+
+    # --- attention
+    attn_norm = _param(self, "attn_norm", (d,), ("norm",), ones)
+    wq = _param(self, "q", (d, h, dh), ("embed", "heads", "head_dim"), dense)
+    wk = _param(self, "k", (d, kvh, dh), ("embed", "kv_heads", "head_dim"), dense)
+    wv = _param(self, "v", (d, kvh, dh), ("embed", "kv_heads", "head_dim"), dense)
+    wo = _param(self, "o", (h, dh, d), ("heads", "head_dim", "embed"), dense)
+    hn = rms_norm(x, attn_norm, cfg.rms_eps)
+    q = jnp.einsum("btd,dhk->bthk", hn, wq.astype(dt))
+    k = jnp.einsum("btd,dhk->bthk", hn, wk.astype(dt))
+    v = jnp.einsum("btd,dhk->bthk", hn, wv.astype(dt))
+    if cfg.qkv_bias:
+      q = q + _param(self, "q_bias", (h, dh), ("heads", "head_dim"), zeros).astype(dt)
+      k = k + _param(self, "k_bias", (kvh, dh), ("kv_heads", "head_dim"), zeros).astype(dt)
+      v = v + _param(self, "v_bias", (kvh, dh), ("kv_heads", "head_dim"), zeros).astype(dt)
+    q = parallel.constrain(apply_rope(q, cos_btd, sin_btd), ("batch", "length", "heads", "head_dim"), mesh)
+    k = apply_rope(k, cos_btd, sin_btd)
+
+    t = x.shape[1]
+    if cache is None:
+      keys, values = k, v
+    else:
+      start = (layer_idx, 0, cache_index, 0, 0)
+      cache = KVCache(jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), start),
+                      jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start))
+      keys = jax.lax.dynamic_index_in_dim(cache.k, layer_idx, 0, keepdims=False).astype(dt)
+      values = jax.lax.dynamic_index_in_dim(cache.v, layer_idx, 0, keepdims=False).astype(dt)
+    s = keys.shape[1]
+    groups = h // kvh
+    q5 = q.reshape(q.shape[0], t, kvh, groups, dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q5, keys, preferred_element_type=jnp.float32) / np.sqrt(dh)
+    q_slot = cache_index + jnp.arange(t)
+    allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & kv_mask_bs[:, None, :].astype(bool)  # [b,t,s]
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    attn = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(q.shape)
+    attn = parallel.constrain(attn, ("batch", "length", "heads", "head_dim"), mesh)
+    x = x + jnp.einsum("bthk,hkd->btd", attn, wo.astype(dt))
+    x = parallel.constrain(x, ("batch", "length", "act_embed"), mesh)
+
+    # --- SwiGLU MLP
+    mlp_norm = _param(self, "mlp_norm", (d,), ("norm",), ones)
+    w_gate = _param(self, "gate", (d, f), ("embed", "mlp"), dense)
+    w_up = _param(self, "up", (d, f), ("embed", "mlp"), dense)
+    w_down = _param(self, "down", (f, d), ("mlp", "embed"), dense)
+    hn = rms_norm(x, mlp_norm, cfg.rms_eps)
+    gated = jax.nn.silu(hn @ w_gate.astype(dt)) * (hn @ w_up.astype(dt))
+    gated = parallel.constrain(gated, ("batch", "length", "mlp"), mesh)
+    x = x + gated @ w_down.astype(dt)
+    x = parallel.constrain(x, ("batch", "length", "act_embed"), mesh)
+    return (x, cache), None
+
+
+class Transformer(nn.Module):
+  """The decoder. `__call__` returns (logits [b, n, vocab] in float32, updated cache or None)."""
+  cfg: ModelConfig
+  mesh: Mesh | None = None
+
+  @nn.compact
+  def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array, kv_mask_bs: jax.Array,
+               cache: KVCache | None = None, cache_index: jax.Array | int = 0,
+               logit_idx_bn: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+    """tokens/positions [b, t]; kv_mask [b, s] (s = t without a cache, else the cache's slots).
+
+    `logit_idx_bn` picks the positions (indices into t) whose logits are computed; None computes all t.
+    """
+    cfg, mesh = self.cfg, self.mesh
+    embed = _param(self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
+                   nn.initializers.normal(0.02))
+    x = jnp.take(embed, tokens_bt, axis=0).astype(cfg.dtype)
+    x = parallel.constrain(x, ("batch", "length", "act_embed"), mesh)
+
+    freqs = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+    cos, sin = jnp.cos(freqs), jnp.sin(freqs)
+    cos, sin = jnp.concatenate([cos, cos], -1), jnp.concatenate([sin, sin], -1)
+
+    block = Block
+    if cfg.remat_policy != "none":
+      block = nn.remat(Block, policy=_REMAT[cfg.remat_policy], prevent_cse=False)
+    layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                     in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                     length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+    (x, cache), _ = layers(cfg, mesh, name="layers")(
+        (x, cache), jnp.arange(cfg.n_layers), cos, sin, kv_mask_bs, jnp.asarray(cache_index, jnp.int32))
+
+    if logit_idx_bn is not None:  # the vocab projection only where logits are needed
+      x = jnp.take_along_axis(x, logit_idx_bn[..., None], axis=1)
+    x = rms_norm(x, _param(self, "final_norm", (cfg.d_model,), ("norm",), nn.initializers.ones), cfg.rms_eps)
+    if cfg.tie_embeddings:
+      logits = jnp.einsum("btd,vd->btv", x, embed.astype(cfg.dtype), preferred_element_type=jnp.float32)
+    else:
+      head = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                    nn.initializers.normal(0.02))
+      logits = jnp.einsum("btd,dv->btv", x, head.astype(cfg.dtype), preferred_element_type=jnp.float32)
+    return parallel.constrain(logits, ("batch", "length", "vocab"), mesh), cache
+
+
+def positions_from_mask(mask_bt: jax.Array) -> jax.Array:
+  """Positions for a left-padded batch: 0 at each row's first real token (pads get 0 too)."""
+  return jnp.maximum(jnp.cumsum(mask_bt.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def abstract_params(cfg: ModelConfig) -> tuple[Any, Any]:
+  """(shape tree of the parameters, tree of their logical axis names) without allocating anything."""
+  model = Transformer(cfg)
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, tokens, tokens)["params"])
+  is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
+  names = jax.tree.map(lambda b: tuple(b.names), boxed, is_leaf=is_box)
+  shapes = jax.tree.map(lambda b: b.value if is_box(b) else b, boxed, is_leaf=is_box)
+  return shapes, names
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh) -> Any:
+  """NamedShardings of every parameter on `mesh`, derived from `jax.eval_shape(init)`."""
+  shapes, names = abstract_params(cfg)
+  return parallel.tree_shardings(names, shapes, mesh)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, mesh: Mesh | None = None) -> Any:
+  """Random parameters (normal(0.02) weights, unit norms), created directly in their shardings."""
+  model = Transformer(cfg)
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  init = lambda k: nn.meta.unbox(model.init(k, tokens, tokens, tokens)["params"])
+  if mesh is None:
+    return jax.jit(init)(key)
+  return jax.jit(init, out_shardings=param_shardings(cfg, mesh))(key)
