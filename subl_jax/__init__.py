@@ -1,3 +1,7 @@
 """subl_jax: a JAX framework for studying subliminal learning."""
 
 __version__ = "0.1.0"
+
+from subl_jax.api import Model, load  # noqa: E402
+
+__all__ = ["Model", "load", "__version__"]
