@@ -25,6 +25,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("vocab", "tensor"),
+    ("models", ("data", "fsdp", "tensor")),  # independent models (MLP study): split over every device
 )
 
 
@@ -36,16 +37,17 @@ def resolve_mesh_shape(shape: Sequence[int], n_devices: int) -> tuple[int, ...]:
   for name, s in zip(MESH_AXES, shape):
     if s == 0 or s < -1:
       raise ValueError(f"mesh.{name}={s}: expected a positive size or -1")
+  sizes = ", ".join(f"mesh.{name}={s}" for name, s in zip(MESH_AXES, shape))
   if shape.count(-1) > 1:
-    raise ValueError(f"mesh: at most one of {MESH_AXES} may be -1, got {dict(zip(MESH_AXES, shape))}")
+    raise ValueError(f"{sizes}: at most one of {MESH_AXES} may be -1")
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if n_devices % known:
-      raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))}: the fixed sizes (product {known}) do not divide "
-                       f"the {n_devices} available devices")
+      raise ValueError(f"{sizes}: the fixed sizes (product {known}) do not divide the {n_devices} available devices, "
+                       f"so mesh.{MESH_AXES[shape.index(-1)]}=-1 cannot be filled")
     shape[shape.index(-1)] = n_devices // known
   elif known != n_devices:
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))}: product {known} != {n_devices} available devices; "
+    raise ValueError(f"{sizes}: product {known} != {n_devices} available devices; "
                      "set one size to -1 to use all devices")
   return tuple(shape)
 
