@@ -9,6 +9,11 @@ The whole cache rides in the layer scan's carry and each layer updates its slice
 Parameters (stacked over layers under `layers/`): embed [V,D]; attn_norm [D]; q [D,H,Dh]; k, v [D,KVH,Dh];
 (q_bias [H,Dh]; k_bias, v_bias [KVH,Dh]); o [H,Dh,D]; mlp_norm [D]; gate, up [D,F]; down [F,D]; final_norm [D];
 lm_head [D,V] (absent when tied).
+
+LoRA: `apply(..., adapters=...)` adds low-rank terms to the layer projections without touching the weights:
+`adapters = {"layers": {name: {"a": [L, *in, r], "b": [L, r, *out]}}}` for any of q, k, v, o, gate, up, down, with
+the LoRA scale already folded into `b` (see `subl_jax.training.lora`). Each projection becomes x@W + (x@A)@B, so
+differentiating with respect to the adapters only never builds a gradient of W.
 """
 
 from __future__ import annotations
@@ -76,6 +81,15 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
   return (y * scale.astype(jnp.float32)).astype(x.dtype)
 
 
+def _with_adapter(y: jax.Array, x: jax.Array, adapters: dict | None, name: str, n_in: int, dtype) -> jax.Array:
+  """y + (x@A)@B when `adapters` has `name` (A contracts the last `n_in` axes of x), else y."""
+  if not adapters or name not in adapters:
+    return y
+  a, b = adapters[name]["a"].astype(dtype), adapters[name]["b"].astype(dtype)
+  xa = jnp.tensordot(x, a, axes=n_in)
+  return y + jnp.tensordot(xa, b, axes=1).astype(y.dtype)
+
+
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], names: tuple[str, ...], init) -> jax.Array:
   cfg = module.cfg
   return module.param(name, nn.with_logical_partitioning(init, names), shape, cfg.param_dtype)
@@ -87,7 +101,7 @@ class Block(nn.Module):
   mesh: Mesh | None = None
 
   @nn.compact
-  def __call__(self, carry, layer_idx, cos_btd, sin_btd, kv_mask_bs, cache_index):
+  def __call__(self, carry, layer_idx, cos_btd, sin_btd, kv_mask_bs, cache_index, adapters=None):
     cfg, mesh = self.cfg, self.mesh
     x, cache = carry
     d, h, kvh, dh, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim
@@ -102,9 +116,9 @@ class Block(nn.Module):
     wv = _param(self, "v", (d, kvh, dh), ("embed", "kv_heads", "head_dim"), dense)
     wo = _param(self, "o", (h, dh, d), ("heads", "head_dim", "embed"), dense)
     hn = rms_norm(x, attn_norm, cfg.rms_eps)
-    q = jnp.einsum("btd,dhk->bthk", hn, wq.astype(dt))
-    k = jnp.einsum("btd,dhk->bthk", hn, wk.astype(dt))
-    v = jnp.einsum("btd,dhk->bthk", hn, wv.astype(dt))
+    q = _with_adapter(jnp.einsum("btd,dhk->bthk", hn, wq.astype(dt)), hn, adapters, "q", 1, dt)
+    k = _with_adapter(jnp.einsum("btd,dhk->bthk", hn, wk.astype(dt)), hn, adapters, "k", 1, dt)
+    v = _with_adapter(jnp.einsum("btd,dhk->bthk", hn, wv.astype(dt)), hn, adapters, "v", 1, dt)
     if cfg.qkv_bias:
       q = q + _param(self, "q_bias", (h, dh), ("heads", "head_dim"), zeros).astype(dt)
       k = k + _param(self, "k_bias", (kvh, dh), ("kv_heads", "head_dim"), zeros).astype(dt)
@@ -131,7 +145,7 @@ class Block(nn.Module):
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     attn = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(q.shape)
     attn = parallel.constrain(attn, ("batch", "length", "heads", "head_dim"), mesh)
-    x = x + jnp.einsum("bthk,hkd->btd", attn, wo.astype(dt))
+    x = x + _with_adapter(jnp.einsum("bthk,hkd->btd", attn, wo.astype(dt)), attn, adapters, "o", 2, dt)
     x = parallel.constrain(x, ("batch", "length", "act_embed"), mesh)
 
     # --- SwiGLU MLP
@@ -140,9 +154,10 @@ class Block(nn.Module):
     w_up = _param(self, "up", (d, f), ("embed", "mlp"), dense)
     w_down = _param(self, "down", (f, d), ("mlp", "embed"), dense)
     hn = rms_norm(x, mlp_norm, cfg.rms_eps)
-    gated = jax.nn.silu(hn @ w_gate.astype(dt)) * (hn @ w_up.astype(dt))
+    gate = _with_adapter(hn @ w_gate.astype(dt), hn, adapters, "gate", 1, dt)
+    gated = jax.nn.silu(gate) * _with_adapter(hn @ w_up.astype(dt), hn, adapters, "up", 1, dt)
     gated = parallel.constrain(gated, ("batch", "length", "mlp"), mesh)
-    x = x + gated @ w_down.astype(dt)
+    x = x + _with_adapter(gated @ w_down.astype(dt), gated, adapters, "down", 1, dt)
     x = parallel.constrain(x, ("batch", "length", "act_embed"), mesh)
     return (x, cache), None
 
@@ -155,10 +170,12 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array, kv_mask_bs: jax.Array,
                cache: KVCache | None = None, cache_index: jax.Array | int = 0,
-               logit_idx_bn: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+               logit_idx_bn: jax.Array | None = None,
+               adapters: dict | None = None) -> tuple[jax.Array, KVCache | None]:
     """tokens/positions [b, t]; kv_mask [b, s] (s = t without a cache, else the cache's slots).
 
     `logit_idx_bn` picks the positions (indices into t) whose logits are computed; None computes all t.
+    `adapters` adds LoRA terms to the layer projections (see the module docstring).
     """
     cfg, mesh = self.cfg, self.mesh
     embed = _param(self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
@@ -174,10 +191,12 @@ class Transformer(nn.Module):
     if cfg.remat_policy != "none":
       block = nn.remat(Block, policy=_REMAT[cfg.remat_policy], prevent_cse=False)
     layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                     in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                     in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
                      length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+    layer_adapters = (adapters or {}).get("layers") or None  # scanned over layers, like the weights
     (x, cache), _ = layers(cfg, mesh, name="layers")(
-        (x, cache), jnp.arange(cfg.n_layers), cos, sin, kv_mask_bs, jnp.asarray(cache_index, jnp.int32))
+        (x, cache), jnp.arange(cfg.n_layers), cos, sin, kv_mask_bs, jnp.asarray(cache_index, jnp.int32),
+        layer_adapters)
 
     if logit_idx_bn is not None:  # the vocab projection only where logits are needed
       x = jnp.take_along_axis(x, logit_idx_bn[..., None], axis=1)
