@@ -1,0 +1,125 @@
+"""Study reports: `<workdir>/report.json`, a markdown table `report.md` and a bar chart `report.png`.
+
+`conditions` takes one of two shapes, and report.json keeps the one it is given:
+  one metric:      {"teacher": {"mean": m, "ci95": [lo, hi], "n": n}, ...}            (the MNIST study)
+  several metrics: {"teacher": {"accuracy": {"mean", "ci95", "n"}, "logprob": {...}}, ...}  (e.g. the LLM study)
+Summaries are what `stats.mean_ci` returns. A condition is a single-metric summary when it has a "mean" key.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from typing import Any
+
+from subl_jax.stats import ci_key
+
+Summary = dict[str, Any]
+
+
+def _by_metric(conditions: dict[str, Any], metric: str) -> dict[str, dict[str, Summary]]:
+  """Normalises both shapes to {condition: {metric: summary}}."""
+  if not conditions:
+    raise ValueError("write_report: no conditions")
+  single = ["mean" in v for v in conditions.values()]
+  if any(single) and not all(single):
+    raise ValueError("write_report: mix of single-metric summaries and metric dicts across conditions")
+  out = {c: ({metric: v} if "mean" in v else dict(v)) for c, v in conditions.items()}
+  for cond, metrics in out.items():
+    for name, s in metrics.items():
+      if not {"mean", "n"} <= set(s):
+        raise ValueError(f"write_report: conditions[{cond!r}][{name!r}] is not a summary (mean, ci.., n): {s}")
+      ci_key(s)
+  return out
+
+
+def _fmt(x: float) -> str:
+  return f"{x:.3f}" if math.isfinite(x) else str(x)
+
+
+def markdown_table(conditions: dict[str, Any], metric: str = "value") -> str:
+  """One row per condition: mean, interval and n (one metric) or `mean [lo, hi]` per metric column."""
+  table = _by_metric(conditions, metric)
+  metrics = list(dict.fromkeys(m for ms in table.values() for m in ms))
+  if len(metrics) == 1:
+    m = metrics[0]
+    some = next(iter(table.values()))[m]
+    level = ci_key(some)[2:]
+    lines = [f"| condition | {m} (mean) | {level}% CI | n |", "|---|---:|---|---:|"]
+    for cond, ms in table.items():
+      s = ms[m]
+      lo, hi = s[ci_key(s)]
+      lines.append(f"| {cond} | {_fmt(s['mean'])} | [{_fmt(lo)}, {_fmt(hi)}] | {s['n']} |")
+    return "\n".join(lines)
+  lines = ["| condition | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+  for cond, ms in table.items():
+    cells = []
+    for m in metrics:
+      s = ms.get(m)
+      if s is None:
+        cells.append("–")
+      else:
+        lo, hi = s[ci_key(s)]
+        cells.append(f"{_fmt(s['mean'])} [{_fmt(lo)}, {_fmt(hi)}] (n={s['n']})")
+    lines.append(f"| {cond} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def plot(conditions: dict[str, Any], path: str | pathlib.Path, title: str, metric: str = "value") -> None:
+  """A bar chart of the means with interval error bars; several metrics become grouped bars."""
+  import matplotlib  # imported here: only plotting pays its import time
+  matplotlib.use("Agg")  # files only; never needs a display
+  import matplotlib.pyplot as plt
+
+  table = _by_metric(conditions, metric)
+  metrics = list(dict.fromkeys(m for ms in table.values() for m in ms))
+  conds = list(table)
+  width = 0.8 / len(metrics)
+  fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(conds) + 1), 3.6), dpi=120)
+  for i, m in enumerate(metrics):
+    xs, means, errs = [], [], [[], []]
+    for j, cond in enumerate(conds):
+      s = table[cond].get(m)
+      if s is None:
+        continue
+      lo, hi = s[ci_key(s)]
+      xs.append(j + (i - (len(metrics) - 1) / 2) * width)
+      means.append(s["mean"])
+      errs[0].append(max(s["mean"] - lo, 0.0))
+      errs[1].append(max(hi - s["mean"], 0.0))
+    ax.bar(xs, means, width=width * 0.9, yerr=errs, capsize=3, label=m)
+  ax.set_xticks(range(len(conds)), conds, rotation=20, ha="right")
+  ax.set_ylabel(metrics[0] if len(metrics) == 1 else "value")
+  ax.set_title(title)
+  if len(metrics) > 1:
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def write_report(workdir: str | pathlib.Path, conditions: dict[str, Any], title: str,
+                 extra: dict[str, Any] | None = None, metric: str = "value",
+                 notes: list[str] | None = None) -> str:
+  """Writes report.json (`{"title", "metric", "conditions", **extra}`), report.md and report.png; returns the md.
+
+  `metric` names the single metric (JSON `"metric"`, table header, y axis); with several metrics per condition the
+  metric names come from `conditions` and `metric` is unused. `notes` are markdown lines under the table.
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  _by_metric(conditions, metric)  # validates the shape before anything is written
+  extra = dict(extra or {})
+  clash = {"title", "metric", "conditions"} & set(extra)
+  if clash:
+    raise ValueError(f"write_report: extra may not set {sorted(clash)}")
+  single = all("mean" in v for v in conditions.values())
+  doc = {"title": title, **({"metric": metric} if single else {}), "conditions": conditions, **extra}
+  (workdir / "report.json").write_text(json.dumps(doc, indent=2) + "\n")
+  md = f"# {title}\n\n{markdown_table(conditions, metric)}\n"
+  if notes:
+    md += "\n" + "\n".join(notes) + "\n"
+  (workdir / "report.md").write_text(md)
+  plot(conditions, workdir / "report.png", title, metric)
+  return md
