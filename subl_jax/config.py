@@ -13,9 +13,11 @@ import jax
 import ml_collections as mlc
 
 from subl_jax import parallel
+from subl_jax.mnist.data import DATASETS as MNIST_DATASETS
 from subl_jax.models.config import DTYPES, REMAT_POLICIES
+from subl_jax.training import optim
 
-JOBS = ("chat",)
+JOBS = ("chat", "mnist_aux")
 
 
 def defaults() -> mlc.ConfigDict:
@@ -39,6 +41,19 @@ def defaults() -> mlc.ConfigDict:
       prompt="Name your favorite animal using only one word.",
       max_new_tokens=48,
       temperature=0.0,        # 0 is greedy
+  ))
+  c.mnist = mlc.ConfigDict(dict(  # the auxiliary-logit MLP study (PROTOCOL.md §8); 0 = the dataset's preset
+      dataset="mnist",        # 'mnist' (tensorflow-datasets) or 'digits' (scikit-learn's bundled 8x8, offline)
+      data_dir="",            # where tensorflow-datasets keeps MNIST ('' = its default)
+      n_models=100,           # trained at once (vmapped, sharded over devices); >= 2 for the derangement
+      n_aux=3,                # auxiliary logits m (50 in the Nature version)
+      hidden=256,
+      hidden_layers=2,
+      teacher_epochs=0,       # 0 = preset (mnist 5)
+      student_epochs=0,       # 0 = preset (mnist 5)
+      batch_size=0,           # 0 = preset (mnist 1024)
+      n_noise=0,              # fixed noise images per model; 0 = preset (mnist 60,000)
+      opt=mlc.ConfigDict(dict(optim.DEFAULTS, lr=0.0)),  # lr 0 = preset (mnist Adam 3e-4)
   ))
   c.lock()
   return c
@@ -92,3 +107,11 @@ def validate(cfg: mlc.ConfigDict, n_devices: int | None = None) -> None:
     raise ValueError(f"config.{e}") from None
   _require(full.chat.max_new_tokens > 0, "chat.max_new_tokens", "a positive integer", full.chat.max_new_tokens)
   _require(full.chat.temperature >= 0, "chat.temperature", "a temperature >= 0", full.chat.temperature)
+  mn = full.mnist
+  _require(mn.dataset in MNIST_DATASETS, "mnist.dataset", f"one of {MNIST_DATASETS}", mn.dataset)
+  _require(mn.n_models >= 2, "mnist.n_models", "at least 2 (cross-init students need a derangement)", mn.n_models)
+  for field in ("n_aux", "hidden", "hidden_layers"):
+    _require(mn[field] > 0, f"mnist.{field}", "a positive integer", mn[field])
+  for field in ("teacher_epochs", "student_epochs", "batch_size", "n_noise"):
+    _require(mn[field] >= 0, f"mnist.{field}", "a positive integer (or 0 for the dataset's preset)", mn[field])
+  optim.check(mn.opt, "mnist.opt", allow_zero_lr=True)
