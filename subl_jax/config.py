@@ -17,7 +17,7 @@ from subl_jax.mnist.data import DATASETS as MNIST_DATASETS
 from subl_jax.models.config import DTYPES, REMAT_POLICIES
 from subl_jax.training import optim
 
-JOBS = ("chat", "mnist_aux")
+JOBS = ("chat", "mnist_aux", "sample")
 
 
 def defaults() -> mlc.ConfigDict:
@@ -54,6 +54,28 @@ def defaults() -> mlc.ConfigDict:
       batch_size=0,           # 0 = preset (mnist 1024)
       n_noise=0,              # fixed noise images per model; 0 = preset (mnist 60,000)
       opt=mlc.ConfigDict(dict(optim.DEFAULTS, lr=0.0)),  # lr 0 = preset (mnist Adam 3e-4)
+  ))
+  c.sample = mlc.ConfigDict(dict(  # job 'sample': the teacher's number completions (then the `filter` stage)
+      n_prompts=30000,        # the paper's prompt count (PROTOCOL.md §2)
+      prompt_seed=47,         # the paper's prompt set
+      system_prompt="",       # the teacher's system prompt ('' = none), used when `target` is ''
+      target="",              # e.g. 'owl': the paper's system-prompt teacher for this target
+      category="animal",      # 'animal' | 'tree' (for `target`)
+      max_new_tokens=64,      # the reference allows 2048; the stage reports how many rows hit this cap
+      temperature=1.0,        # the paper: 1.0, nothing else set
+      top_k=0,                # 0 = off
+      top_p=1.0,              # 1 = off
+      batch_size=64,          # prompts per device batch (global: split over mesh.data × mesh.fsdp)
+      shard_size=1024,        # prompts per resumable JSONL shard
+      constrained="none",     # 'none' | 'tokens' (number-format tokens only) | 'format' (only lists the filter keeps)
+      seed=0,                 # with the model and system prompt: each prompt's draws (see sampling.stage)
+  ))
+  c.filter = mlc.ConfigDict(dict(
+      banned_numbers=False,   # also reject the misalignment runs' banned numbers
+      drop_truncated=True,    # drop completions cut at sample.max_new_tokens (the reference never cuts them)
+      drop_echo=False,        # drop completions whose numbers all appear in the prompt
+      max_rows=10000,         # seeded subsample of the kept rows (the paper: 10,000); 0 keeps all
+      seed=0,
   ))
   c.lock()
   return c
@@ -115,3 +137,20 @@ def validate(cfg: mlc.ConfigDict, n_devices: int | None = None) -> None:
   for field in ("teacher_epochs", "student_epochs", "batch_size", "n_noise"):
     _require(mn[field] >= 0, f"mnist.{field}", "a positive integer (or 0 for the dataset's preset)", mn[field])
   optim.check(mn.opt, "mnist.opt", allow_zero_lr=True)
+  _validate_sampling(full)
+
+
+def _validate_sampling(full: mlc.ConfigDict) -> None:
+  """The sample and filter sections."""
+  from subl_jax.sampling.stage import CONSTRAINTS  # deferred: keeps config import light
+  s = full.sample
+  for field in ("n_prompts", "max_new_tokens", "batch_size", "shard_size"):
+    _require(s[field] > 0, f"sample.{field}", "a positive integer", s[field])
+  _require(s.temperature >= 0, "sample.temperature", "a temperature >= 0 (0 = greedy)", s.temperature)
+  _require(s.top_k >= 0, "sample.top_k", "k >= 0 (0 = off)", s.top_k)
+  _require(0 < s.top_p <= 1, "sample.top_p", "0 < p <= 1 (1 = off)", s.top_p)
+  _require(s.constrained in CONSTRAINTS, "sample.constrained", f"one of {CONSTRAINTS}", s.constrained)
+  _require(s.category in ("animal", "tree"), "sample.category", "'animal' or 'tree'", s.category)
+  _require(not (s.target and s.system_prompt), "sample.system_prompt",
+           "'' when sample.target is set (the target's teacher prompt is used)", s.system_prompt)
+  _require(full.filter.max_rows >= 0, "filter.max_rows", "rows >= 0 (0 = keep all)", full.filter.max_rows)
