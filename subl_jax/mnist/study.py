@@ -114,10 +114,11 @@ def _load_params(s: Setup, directory: pathlib.Path) -> Any:
 
 def _write_result(out: pathlib.Path, s: Setup, params_n: Any, losses: list[float]) -> dict:
   """Saves params, per-model accuracy and the loss log of a stage; returns the manifest summary."""
-  _save_params(out, params_n)
+  _save_params(out, params_n)  # Orbax: every process writes its own shards
   acc = accuracy(s, params_n)
-  (out / "accuracy.json").write_text(json.dumps({"accuracy": acc.tolist()}) + "\n")
-  (out / "train_log.json").write_text(json.dumps({"epoch_mean_loss": losses}) + "\n")
+  if jax.process_index() == 0:
+    (out / "accuracy.json").write_text(json.dumps({"accuracy": acc.tolist()}) + "\n")
+    (out / "train_log.json").write_text(json.dumps({"epoch_mean_loss": losses}) + "\n")
   return {"mean_accuracy": float(acc.mean()), "n_models": len(acc)}
 
 
@@ -150,7 +151,8 @@ def run_stages(s: Setup, workdir: pathlib.Path) -> dict[str, pathlib.Path]:
       print(f"[{name}] cached: {dirs[name]}", flush=True)
 
   def inits(out: pathlib.Path) -> dict:
-    (out / "derangement.json").write_text(json.dumps({"derangement": derangement(s.n, s.seed).tolist()}) + "\n")
+    if jax.process_index() == 0:
+      (out / "derangement.json").write_text(json.dumps({"derangement": derangement(s.n, s.seed).tolist()}) + "\n")
     return _write_result(out, s, make_inits(s), [])
 
   def teacher(out: pathlib.Path) -> dict:
@@ -202,8 +204,10 @@ def run_mnist_aux(cfg: Any, workdir: pathlib.Path, mesh: Mesh) -> dict:
       f"- {k}: {v['mean']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]" for k, v in diffs.items()] + [
       "", f"Test accuracy of the argmax over the 10 class logits; {s.n} models; stages took "
       f"{sum(stage_wall.values()):.1f} s when they ran."]
-  md = report.write_report(workdir, conditions, f"Auxiliary-logit transmission ({hp['dataset']}, m={hp['n_aux']})",
-                           extra=extra, metric="accuracy", notes=notes)
+  title = f"Auxiliary-logit transmission ({hp['dataset']}, m={hp['n_aux']})"
+  md = report.markdown_table(conditions, "accuracy")
+  if jax.process_index() == 0:
+    md = report.write_report(workdir, conditions, title, extra=extra, metric="accuracy", notes=notes)
   print("\n" + md, flush=True)
   return {"report": str(workdir / "report.json"), "conditions": conditions, "paired_differences": diffs,
           "stage_wall_s": stage_wall, "run_wall_s": round(time.time() - t0, 2)}

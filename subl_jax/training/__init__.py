@@ -1,1 +1,1 @@
-"""Training pieces shared by every study type: optimizers and schedules."""
+"""Training pieces shared by every study type."""
