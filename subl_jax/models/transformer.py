@@ -81,13 +81,25 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
   return (y * scale.astype(jnp.float32)).astype(x.dtype)
 
 
-def _with_adapter(y: jax.Array, x: jax.Array, adapters: dict | None, name: str, n_in: int, dtype) -> jax.Array:
-  """y + (x@A)@B when `adapters` has `name` (A contracts the last `n_in` axes of x), else y."""
+def dense(x: jax.Array, w: jax.Array, n_in: int, dtype) -> jax.Array:
+  """x [..., *in] @ w [*in, *out] as one 2-D matmul over all leading positions.
+
+  Same math as the einsum; the 2-D form matters on CPU, where XLA turns the backward pass of an einsum with several
+  contracting axes (batch and length, for a weight gradient) into slow strided transposes.
+  """
+  in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
+  k = int(np.prod(in_shape))
+  y = x.reshape(-1, k) @ w.reshape(k, -1).astype(dtype)
+  return y.reshape(x.shape[:x.ndim - n_in] + out_shape)
+
+
+def _projection(x: jax.Array, w: jax.Array, adapters: dict | None, name: str, n_in: int, dtype) -> jax.Array:
+  """x@W, plus (x@A)@B when `adapters` has `name` (A contracts the last `n_in` axes of x)."""
+  y = dense(x, w, n_in, dtype)
   if not adapters or name not in adapters:
     return y
-  a, b = adapters[name]["a"].astype(dtype), adapters[name]["b"].astype(dtype)
-  xa = jnp.tensordot(x, a, axes=n_in)
-  return y + jnp.tensordot(xa, b, axes=1).astype(y.dtype)
+  a, b = adapters[name]["a"], adapters[name]["b"]
+  return y + dense(dense(x, a, n_in, dtype), b, 1, dtype).astype(y.dtype)
 
 
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], names: tuple[str, ...], init) -> jax.Array:
@@ -116,9 +128,9 @@ class Block(nn.Module):
     wv = _param(self, "v", (d, kvh, dh), ("embed", "kv_heads", "head_dim"), dense)
     wo = _param(self, "o", (h, dh, d), ("heads", "head_dim", "embed"), dense)
     hn = rms_norm(x, attn_norm, cfg.rms_eps)
-    q = _with_adapter(jnp.einsum("btd,dhk->bthk", hn, wq.astype(dt)), hn, adapters, "q", 1, dt)
-    k = _with_adapter(jnp.einsum("btd,dhk->bthk", hn, wk.astype(dt)), hn, adapters, "k", 1, dt)
-    v = _with_adapter(jnp.einsum("btd,dhk->bthk", hn, wv.astype(dt)), hn, adapters, "v", 1, dt)
+    q = _projection(hn, wq, adapters, "q", 1, dt)
+    k = _projection(hn, wk, adapters, "k", 1, dt)
+    v = _projection(hn, wv, adapters, "v", 1, dt)
     if cfg.qkv_bias:
       q = q + _param(self, "q_bias", (h, dh), ("heads", "head_dim"), zeros).astype(dt)
       k = k + _param(self, "k_bias", (kvh, dh), ("kv_heads", "head_dim"), zeros).astype(dt)
@@ -145,7 +157,7 @@ class Block(nn.Module):
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     attn = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(q.shape)
     attn = parallel.constrain(attn, ("batch", "length", "heads", "head_dim"), mesh)
-    x = x + _with_adapter(jnp.einsum("bthk,hkd->btd", attn, wo.astype(dt)), attn, adapters, "o", 2, dt)
+    x = x + _projection(attn, wo, adapters, "o", 2, dt)
     x = parallel.constrain(x, ("batch", "length", "act_embed"), mesh)
 
     # --- SwiGLU MLP
@@ -154,10 +166,10 @@ class Block(nn.Module):
     w_up = _param(self, "up", (d, f), ("embed", "mlp"), dense)
     w_down = _param(self, "down", (f, d), ("mlp", "embed"), dense)
     hn = rms_norm(x, mlp_norm, cfg.rms_eps)
-    gate = _with_adapter(hn @ w_gate.astype(dt), hn, adapters, "gate", 1, dt)
-    gated = jax.nn.silu(gate) * _with_adapter(hn @ w_up.astype(dt), hn, adapters, "up", 1, dt)
+    gate = _projection(hn, w_gate, adapters, "gate", 1, dt)
+    gated = jax.nn.silu(gate) * _projection(hn, w_up, adapters, "up", 1, dt)
     gated = parallel.constrain(gated, ("batch", "length", "mlp"), mesh)
-    x = x + _with_adapter(gated @ w_down.astype(dt), gated, adapters, "down", 1, dt)
+    x = x + _projection(gated, w_down, adapters, "down", 1, dt)
     x = parallel.constrain(x, ("batch", "length", "act_embed"), mesh)
     return (x, cache), None
 
@@ -201,12 +213,14 @@ class Transformer(nn.Module):
     if logit_idx_bn is not None:  # the vocab projection only where logits are needed
       x = jnp.take_along_axis(x, logit_idx_bn[..., None], axis=1)
     x = rms_norm(x, _param(self, "final_norm", (cfg.d_model,), ("norm",), nn.initializers.ones), cfg.rms_eps)
+    x2 = x.reshape(-1, cfg.d_model)  # 2-D, as in `dense`
     if cfg.tie_embeddings:
-      logits = jnp.einsum("btd,vd->btv", x, embed.astype(cfg.dtype), preferred_element_type=jnp.float32)
+      logits = jnp.einsum("nd,vd->nv", x2, embed.astype(cfg.dtype), preferred_element_type=jnp.float32)
     else:
       head = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                     nn.initializers.normal(0.02))
-      logits = jnp.einsum("btd,dv->btv", x, head.astype(cfg.dtype), preferred_element_type=jnp.float32)
+      logits = jnp.einsum("nd,dv->nv", x2, head.astype(cfg.dtype), preferred_element_type=jnp.float32)
+    logits = logits.reshape(x.shape[:2] + (cfg.vocab_size,))
     return parallel.constrain(logits, ("batch", "length", "vocab"), mesh), cache
 
 
