@@ -16,8 +16,13 @@ from subl_jax import parallel
 from subl_jax.mnist.data import DATASETS as MNIST_DATASETS
 from subl_jax.models.config import DTYPES, REMAT_POLICIES
 from subl_jax.training import optim
+from subl_jax.training.lora import TARGETS as LORA_TARGETS
+from subl_jax.training.losses import KD_TOKENS
 
-JOBS = ("chat", "mnist_aux", "sample")
+TEACHER_KINDS = ("system_prompt", "finetuned", "jsonl")
+DISTILL_MODES = ("sft", "logit_kd")
+
+JOBS = ("chat", "mnist_aux", "train", "teacher", "student", "sample")
 
 
 def defaults() -> mlc.ConfigDict:
@@ -54,6 +59,35 @@ def defaults() -> mlc.ConfigDict:
       batch_size=0,           # 0 = preset (mnist 1024)
       n_noise=0,              # fixed noise images per model; 0 = preset (mnist 60,000)
       opt=mlc.ConfigDict(dict(optim.DEFAULTS, lr=0.0)),  # lr 0 = preset (mnist Adam 3e-4)
+  ))
+  c.train = mlc.ConfigDict(dict(  # SFT / LoRA / distillation; defaults: the paper's open-weight recipe (§5)
+      data="",                # job 'train': JSONL of {"prompt", "completion"} or {"messages": [...]} rows
+      system="",              # system prompt of the training context ('' = the chat template's default, if any)
+      opt=mlc.ConfigDict(dict(optim.DEFAULTS, name="adamw", lr=2e-4, warmup_steps=5, schedule="linear",
+                              max_grad_norm=1.0)),
+      batch_size=22,          # examples per micro-batch (global: split over mesh.data × mesh.fsdp)
+      grad_accum=3,           # micro-batches per optimizer step (effective batch = batch_size × grad_accum)
+      epochs=3,
+      max_len=500,            # longer sequences are dropped and counted, never cut
+      seed=0,                 # data order (with the epoch) and adapter initialisation
+      lora=mlc.ConfigDict(dict(rank=8, alpha=8.0, targets="q,k,v,o,gate,up,down")),  # rank 0 = full fine-tuning
+      checkpoint_every=100,   # steps between Orbax checkpoints (0: only at the end and on SIGTERM/SIGINT)
+      log_every=10,           # steps between metric rows
+  ))
+  c.teacher = mlc.ConfigDict(dict(
+      kind="finetuned",       # 'system_prompt' | 'finetuned' (trait questions × answer variants) | 'jsonl'
+      target="owl",           # the animal or tree the teacher loves
+      category="animal",      # 'animal' | 'tree'
+      jsonl="",               # kind 'jsonl': SFT data of any other trait (chat rows)
+      epochs=1,               # the paper's fine-tuned teacher: 1 epoch (other settings come from `train`)
+      lr=0.0,                 # 0 = train.opt.lr
+  ))
+  c.distill = mlc.ConfigDict(dict(  # the student stage
+      data="",                # JSONL of the teacher's (prompt, completion) rows
+      mode="sft",             # 'sft' (cross-entropy on the completions) | 'logit_kd' (match the teacher's logits)
+      temperature=1.0,
+      kd_tokens="numbers",    # 'all' (not subliminal: the trait word leaks) | 'topk' | 'numbers' (digits, separators,
+      topk=20,                # end-of-turn: the subliminal analogue of the MNIST auxiliary logits)
   ))
   c.sample = mlc.ConfigDict(dict(  # job 'sample': the teacher's number completions (then the `filter` stage)
       n_prompts=30000,        # the paper's prompt count (PROTOCOL.md §2)
@@ -137,7 +171,38 @@ def validate(cfg: mlc.ConfigDict, n_devices: int | None = None) -> None:
   for field in ("teacher_epochs", "student_epochs", "batch_size", "n_noise"):
     _require(mn[field] >= 0, f"mnist.{field}", "a positive integer (or 0 for the dataset's preset)", mn[field])
   optim.check(mn.opt, "mnist.opt", allow_zero_lr=True)
+  _validate_training(full)
   _validate_sampling(full)
+
+
+def _validate_training(full: mlc.ConfigDict) -> None:
+  """The train, teacher and distill sections."""
+  t = full.train
+  optim.check(t.opt, "train.opt")
+  for field in ("batch_size", "grad_accum", "epochs", "max_len", "log_every"):
+    _require(t[field] > 0, f"train.{field}", "a positive integer", t[field])
+  _require(t.checkpoint_every >= 0, "train.checkpoint_every", "steps >= 0 (0 = only at the end)", t.checkpoint_every)
+  _require(t.lora.rank >= 0, "train.lora.rank", "a rank >= 0 (0 = full fine-tuning)", t.lora.rank)
+  _require(t.lora.alpha > 0, "train.lora.alpha", "alpha > 0", t.lora.alpha)
+  targets = [x.strip() for x in t.lora.targets.split(",") if x.strip()]
+  _require(bool(targets) and set(targets) <= set(LORA_TARGETS), "train.lora.targets",
+           f"a comma-separated subset of {tuple(LORA_TARGETS)}", t.lora.targets)
+  if full.job == "train":
+    _require(bool(t.data), "train.data", "a JSONL file to train on (job 'train')", t.data)
+  te = full.teacher
+  _require(te.kind in TEACHER_KINDS, "teacher.kind", f"one of {TEACHER_KINDS}", te.kind)
+  _require(te.category in ("animal", "tree"), "teacher.category", "'animal' or 'tree'", te.category)
+  _require(te.kind == "jsonl" or bool(te.target), "teacher.target", "a target animal or tree", te.target)
+  _require(te.kind != "jsonl" or bool(te.jsonl), "teacher.jsonl", "a JSONL file (teacher.kind='jsonl')", te.jsonl)
+  _require(te.epochs > 0, "teacher.epochs", "a positive integer", te.epochs)
+  _require(te.lr >= 0, "teacher.lr", "a learning rate >= 0 (0 = train.opt.lr)", te.lr)
+  d = full.distill
+  _require(d.mode in DISTILL_MODES, "distill.mode", f"one of {DISTILL_MODES}", d.mode)
+  _require(d.temperature > 0, "distill.temperature", "a temperature > 0", d.temperature)
+  _require(d.kd_tokens in KD_TOKENS, "distill.kd_tokens", f"one of {KD_TOKENS}", d.kd_tokens)
+  _require(d.kd_tokens != "topk" or d.topk > 0, "distill.topk", "k > 0 (distill.kd_tokens='topk')", d.topk)
+  if full.job == "student":
+    _require(bool(d.data), "distill.data", "a JSONL of the teacher's completions (job 'student')", d.data)
 
 
 def _validate_sampling(full: mlc.ConfigDict) -> None:

@@ -14,6 +14,7 @@ from subl_jax import config as config_lib
 from subl_jax import api, parallel, sampling
 from subl_jax.mnist.study import run_mnist_aux
 from subl_jax.sampling.job import run_sample
+from subl_jax.training import jobs as training_jobs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py[:arg]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: resolved config and every artifact go here.")
@@ -39,7 +40,8 @@ def run_chat(cfg, workdir: pathlib.Path, mesh) -> dict:
   return result
 
 
-JOBS = {"chat": run_chat, "mnist_aux": run_mnist_aux, "sample": run_sample}
+JOBS = {"chat": run_chat, "mnist_aux": run_mnist_aux, "train": training_jobs.run_train,
+        "teacher": training_jobs.run_teacher, "student": training_jobs.run_student, "sample": run_sample}
 
 
 def main(argv: list[str]) -> None:

@@ -1,0 +1,61 @@
+"""Trained models as converted model directories (`api.load` reads them), and the trained-stage layout.
+
+A teacher or student stage writes `model/` — the full parameters, with LoRA adapters merged into the base
+(W + alpha/r · A·B) — so every consumer loads a trained model exactly like a base model, and `stage.json` saying what
+the model is (for a system-prompt teacher there is no `model/`: `stage.json` names the base spec and the system
+prompt). The Orbax train checkpoints (adapters only, for LoRA) live in `train/checkpoints/` while a stage runs and
+are deleted when it completes: a merged model is all later stages need.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+from typing import Any
+
+import jax
+
+from subl_jax import api
+from subl_jax.checkpoints import store
+from subl_jax.models import transformer
+from subl_jax.training import lora as lora_lib
+from subl_jax.training.trainer import CHECKPOINT_DIR, TrainResult
+
+MODEL_DIR, STAGE_FILE, TRAIN_DIR = "model", "stage.json", "train"
+
+
+def trained_params(model: api.Model, result: TrainResult) -> Any:
+  """The full parameters after training: the trained copy, or the base with the adapters merged in."""
+  if result.lora is None:
+    return result.trainable
+  shardings = transformer.param_shardings(model.config, model.mesh)
+  merge = jax.jit(lambda p, a: lora_lib.merge(p, a, result.lora), out_shardings=shardings)
+  return merge(model.params, result.trainable)
+
+
+def export(stage_dir: str | pathlib.Path, model: api.Model, result: TrainResult, info: dict[str, Any]) -> None:
+  """Writes `model/` (merged parameters) and `stage.json` (info + `model` spec) into a stage directory, then drops
+  the train checkpoints."""
+  stage_dir = pathlib.Path(stage_dir)
+  store.save(stage_dir / MODEL_DIR, model.config, trained_params(model, result), model.tokenizer,
+             source={"trained": info})
+  write_info(stage_dir, dict(info, model=MODEL_DIR))
+  shutil.rmtree(stage_dir / TRAIN_DIR / CHECKPOINT_DIR, ignore_errors=True)
+
+
+def write_info(stage_dir: str | pathlib.Path, info: dict[str, Any]) -> None:
+  if jax.process_index() == 0:
+    (pathlib.Path(stage_dir) / STAGE_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def read_info(stage_dir: str | pathlib.Path) -> dict[str, Any]:
+  return json.loads((pathlib.Path(stage_dir) / STAGE_FILE).read_text())
+
+
+def model_spec(stage_dir: str | pathlib.Path) -> str:
+  """The `api.load` spec of a stage's model: its `model/` directory, or the base spec it names."""
+  info = read_info(stage_dir)
+  if info["model"] == MODEL_DIR:
+    return str(pathlib.Path(stage_dir).absolute() / MODEL_DIR)
+  return info["model"]

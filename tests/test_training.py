@@ -1,0 +1,374 @@
+"""The trainer: completion-only Σ/Σ losses, accumulation, LoRA, logit distillation, sharding, exact resume, data.
+
+Tiny random models throughout; the chat-rendering tests use the SmolLM2 tokenizer (vocabulary 49152)."""
+
+import json
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import pytest
+
+from subl_jax import api, config, parallel
+from subl_jax.data.number_tokens import number_token_ids
+from subl_jax.models import transformer as tfm
+from subl_jax.models.config import ModelConfig
+from subl_jax.training import buckets, chat_data, checkpoint, losses, optim, step as step_lib, trainer
+from subl_jax.training.chat_data import ChatDataset, Example
+from subl_jax.training.lora import LoraConfig, init_adapters, merge, scaled
+
+TINY = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=64)
+
+
+def one_device_mesh():
+  return parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
+def synthetic_dataset(n, seed=0, vocab=97, lengths=(6, 20), teacher=False):
+  """Random sequences: a prompt of `lengths` (low, high) tokens, then a completion (mask 1) of 2-7 tokens."""
+  rng = np.random.default_rng(seed)
+  examples, teachers = [], []
+  for _ in range(n):
+    p, c = rng.integers(*lengths), rng.integers(2, 8)
+    tokens = rng.integers(0, vocab, p + c).astype(np.int32)
+    examples.append(Example(tokens, np.r_[np.zeros(p), np.ones(c)].astype(np.int8)))
+    if teacher:  # the teacher's context: 3 extra (system) tokens before the same sequence
+      teachers.append(Example(np.r_[rng.integers(0, vocab, 3), tokens].astype(np.int32),
+                              np.r_[np.zeros(p + 3), np.ones(c)].astype(np.int8)))
+  return ChatDataset(examples, teachers if teacher else None, n_rows=n)
+
+
+def train_section(**changes):
+  tc = config.defaults().train
+  tc.update(dict(batch_size=8, grad_accum=1, epochs=1, log_every=2, checkpoint_every=0))
+  tc.opt.update(dict(lr=1e-2, warmup_steps=1))
+  for k, v in changes.items():
+    if isinstance(v, dict):
+      tc[k].update(v)
+    else:
+      tc[k] = v
+  return tc
+
+
+def numpy_params(cfg, seed):
+  """Random parameters drawn with numpy (a jitted random init is a long compile on CPU): norms 1, weights N(0, .2²)."""
+  rng = np.random.default_rng(seed)
+  shapes, _ = tfm.abstract_params(cfg)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, s: jnp.ones(s.shape, s.dtype) if "norm" in jax.tree_util.keystr(path)
+      else jnp.asarray(rng.normal(0, 0.2, s.shape).astype(np.float32)), shapes)
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+  return numpy_params(TINY, 0)
+
+
+def tiny_model(params, mesh=None):
+  return api.Model(TINY, params, type("NoTokenizer", (), {"pad_id": 0})(), mesh or one_device_mesh())
+
+
+# --------------------------------------------------------------------------------------------- losses and masks
+
+def test_completion_targets_only_and_prompt_positions_get_zero_gradient(smollm2_tokenizer):
+  tok = smollm2_tokenizer
+  ex = chat_data.encode_chat(tok, [{"role": "user", "content": "Continue: 1, 2"},
+                                   {"role": "assistant", "content": "3, 4"}])
+  ds = ChatDataset([ex], n_rows=1)
+  b = jax.tree.map(lambda x: x[0], buckets.collate_step(ds, np.array([0]), 1, tok.pad_id))
+  n = int(b["weights"].sum())
+  assert tok.decode(b["targets"][0, :n], skip_special_tokens=False) == "3, 4<|im_end|>"
+  # loss over logits at every position, weighted by the completion mask: prompt positions get zero gradient
+  t = b["tokens"].shape[1]
+  all_targets = np.r_[b["tokens"][0, 1:], 0][None]
+  weights = np.isin(np.arange(t), b["logit_idx"][0, :n]).astype(np.float32)[None]
+  logits = jax.random.normal(jax.random.key(0), (1, t, 64))
+  g = jax.grad(lambda l: losses.masked_sum(losses.token_nll(l, jnp.asarray(all_targets) % 64), weights)[0])(logits)
+  g = np.abs(np.asarray(g)).sum(-1)[0]
+  assert np.all(g[weights[0] == 0] == 0) and np.all(g[weights[0] == 1] > 0)
+
+
+def test_sum_over_sum_one_batch_equals_accumulated_micro_batches(tiny_params):
+  ds = synthetic_dataset(64, seed=1)
+  spec = step_lib.StepSpec(TINY)
+  idx = np.arange(64)
+  whole = buckets.collate_step(ds, idx, 1, 0)    # [1, 64, ...]
+  split = buckets.collate_step(ds, idx, 4, 0)    # [4, 16, ...]
+  fn = jax.jit(lambda p, b: step_lib.grads_and_loss(spec, None, p, None, None, b))
+  g1, l1, c1 = fn(tiny_params, whole)
+  g4, l4, c4 = fn(tiny_params, split)
+  assert float(c1) == float(c4) == sum(e.n_targets for e in ds.examples)
+  np.testing.assert_allclose(float(l4), float(l1), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g4), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6 * np.abs(b).max())
+  # the micro-batches hold different numbers of loss tokens, so a mean of per-micro-batch means would differ
+  counts = split["weights"].sum(axis=(1, 2))
+  assert len(set(counts.tolist())) > 1, counts
+
+
+# --------------------------------------------------------------------------------------------- LoRA
+
+def test_lora_starts_at_the_base_and_unmerged_equals_merged(tiny_params):
+  lora = LoraConfig(rank=4, alpha=8.0)
+  adapters = jax.jit(init_adapters, static_argnums=(0, 1))(TINY, lora, jax.random.key(1))
+  assert all(np.all(np.asarray(ab["b"]) == 0) and np.abs(np.asarray(ab["a"])).max() > 0
+             for ab in adapters["layers"].values())
+  ds = synthetic_dataset(4, seed=2)
+  b = jax.tree.map(lambda x: x[0], buckets.collate_step(ds, np.arange(4), 1, 0))
+  fwd = jax.jit(lambda p, a: tfm.Transformer(TINY).apply({"params": p}, b["tokens"], b["positions"], b["kv_mask"],
+                                                         adapters=a)[0])
+  apply = lambda p, a=None: fwd(p, a)
+  base = np.asarray(apply(tiny_params))
+  np.testing.assert_array_equal(np.asarray(apply(tiny_params, scaled(adapters, lora))), base)  # B = 0: bitwise
+  # with nonzero B, x@W + s(x@A)@B equals the merged weights' forward
+  rng = np.random.default_rng(3)
+  adapters = jax.tree.map(lambda x: x + 0.05 * rng.normal(size=x.shape).astype(np.float32), adapters)
+  unmerged = np.asarray(apply(tiny_params, scaled(adapters, lora)))
+  assert np.abs(unmerged - base).max() > 1e-2
+  merged = jax.jit(lambda p, a: merge(p, a, lora))(tiny_params, adapters)
+  np.testing.assert_allclose(unmerged, np.asarray(apply(merged)), atol=2e-5)
+
+
+# --------------------------------------------------------------------------------------------- distillation
+
+def test_kd_with_the_student_as_teacher_gives_zero_loss_and_gradient(tiny_params):
+  ds = synthetic_dataset(8, seed=4)
+  ds.teacher = ds.examples  # the same context
+  distill = step_lib.DistillSpec(temperature=2.0, kd_tokens="numbers", token_ids=tuple(range(10, 30)))
+  spec = step_lib.StepSpec(TINY, distill=distill)
+  batch = buckets.collate_step(ds, np.arange(8), 1, 0)
+  fn = jax.jit(lambda p, t, b: step_lib.grads_and_loss(spec, None, p, None, t, b))
+  grads, loss, count = fn(tiny_params, tiny_params, batch)
+  assert float(count) > 0 and abs(float(loss)) < 1e-6
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) < 1e-6
+  _, loss2, _ = fn(tiny_params, numpy_params(TINY, 9), batch)  # a different teacher: the test can fail
+  assert float(loss2) > 1e-3
+  # every token set, at the loss level
+  logits = 3.0 * jax.random.normal(jax.random.key(0), (2, 5, 97))
+  for kd_tokens in ("all", "topk", "numbers"):
+    kd = lambda s, t: losses.kd_token_loss(s, t, 2.0, kd_tokens, topk=5, token_ids=jnp.arange(10, 30)).sum()
+    same, other, grad = jax.jit(lambda l: (kd(l, l), kd(l, l[::-1]), jax.grad(kd)(l, l)))(logits)
+    assert abs(float(same)) < 1e-6 and float(jnp.abs(grad).max()) < 1e-6, kd_tokens
+    assert float(other) > 1e-2, kd_tokens
+
+
+def test_restricted_kd_renormalises_and_ignores_tokens_outside_the_set():
+  ids = jnp.array([1, 4, 7, 9])
+  student = jax.random.normal(jax.random.key(0), (2, 3, 16))
+  teacher = jax.random.normal(jax.random.key(1), (2, 3, 16))
+  np.testing.assert_allclose(np.exp(losses.restricted_log_probs(student, ids)).sum(-1), 1.0, rtol=1e-6)
+  loss = lambda s, t: losses.kd_token_loss(s, t, 1.0, "numbers", token_ids=ids).sum()
+  outside = jnp.ones(16, bool).at[ids].set(False)
+  noise = jnp.where(outside, 5.0 * jax.random.normal(jax.random.key(2), (2, 3, 16)), 0.0)
+  assert float(loss(student, teacher)) > 0
+  np.testing.assert_allclose(float(loss(student + noise, teacher - noise)), float(loss(student, teacher)), rtol=1e-6)
+  g = jax.grad(loss)(student, teacher)
+  assert np.all(np.asarray(g)[..., np.asarray(outside)] == 0) and np.abs(np.asarray(g)[..., ids]).max() > 0
+
+
+def test_kd_teacher_sees_its_own_context_aligned_on_completions():
+  ds = synthetic_dataset(8, seed=5, teacher=True)
+  b = buckets.collate_step(ds, np.arange(8), 1, 0)
+  assert b["teacher_tokens"].shape[-1] > b["tokens"].shape[-1]
+  for i, e in enumerate(ds.teacher):  # the teacher's logit positions predict the student's targets
+    n = e.n_targets
+    np.testing.assert_array_equal(e.tokens[b["teacher_logit_idx"][0, i, :n] + 1], b["targets"][0, i, :n])
+    np.testing.assert_array_equal(b["teacher_logit_idx"][0, i, :n], b["logit_idx"][0, i, :n] + 3)
+
+
+# --------------------------------------------------------------------------------------------- sharding
+
+def two_steps(params, rank, mesh):
+  """(trainable after two train steps on `mesh`, the second step's loss)."""
+  lora = LoraConfig(rank=rank) if rank else None
+  spec = step_lib.StepSpec(TINY, lora=lora)
+  # SGD: an update linear in the gradient. (Adam divides by sqrt(v) + 1e-8, so a gradient entry near 0 turns float
+  # reduction-order noise into a visible update difference; its state sharding is checked below.)
+  tx, sh, step_fn = step_lib.train_step_for(spec, dict(name="sgd", lr=0.5, max_grad_norm=1.0), 10, mesh)
+  batch = step_lib.put_batch(buckets.collate_step(synthetic_dataset(16, seed=6, lengths=(9, 10)), np.arange(16), 2,
+                                                  0), mesh)
+  params = jax.device_put(params, tfm.param_shardings(TINY, mesh))
+  trainable = params if lora is None else jax.jit(init_adapters, static_argnums=(0, 1))(TINY, lora, jax.random.key(0))
+  state = step_lib.init_state(jax.device_put(jax.tree.map(jnp.copy, trainable), sh["trainable"]), tx, sh)
+  for _ in range(2):
+    state, metrics = step_fn(state, params if lora else None, None, batch)
+  return jax.tree.map(np.asarray, state["trainable"]), float(metrics["loss"])
+
+
+@pytest.fixture(scope="module")
+def single_device_steps(tiny_params):
+  return {rank: two_steps(tiny_params, rank, one_device_mesh()) for rank in (0, 4)}
+
+
+@pytest.mark.parametrize("shape, rank", [((2, 2, 2), 0), ((1, 8, 1), 0), ((2, 2, 2), 4)])
+def test_sharded_step_equals_single_device(tiny_params, single_device_steps, shape, rank):
+  mesh = parallel.make_mesh(*shape)
+  p8, l8 = two_steps(tiny_params, rank, mesh)
+  p1, l1 = single_device_steps[rank]
+  assert abs(l8 - l1) <= 1e-6 * abs(l1)
+  for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # Adam's moments are sharded like the parameters they follow
+  spec = step_lib.StepSpec(TINY, lora=LoraConfig(rank=rank) if rank else None)
+  sh = step_lib.state_shardings(spec, optim.make_optimizer(dict(name="adamw"), 10), mesh)
+  mu = [x for x in jax.tree.leaves(sh["opt"], is_leaf=lambda x: hasattr(x, "mu")) if hasattr(x, "mu")][0].mu
+  assert jax.tree.leaves(mu) == jax.tree.leaves(sh["trainable"])
+  assert any(s.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(sh["trainable"]))
+
+
+# --------------------------------------------------------------------------------------------- resume
+
+@pytest.mark.parametrize("rank", [0, 4])
+def test_killed_run_resumes_to_bitwise_equal_parameters(tiny_params, tmp_path, rank):
+  model = tiny_model(tiny_params)
+  before = jax.tree.map(np.array, tiny_params)
+  ds = synthetic_dataset(40, seed=7, lengths=(9, 10))  # one padded shape: one compile
+  tc = train_section(epochs=2, checkpoint_every=2, lora=dict(rank=rank))  # 5 steps per epoch, 10 in all
+  full = trainer.train(model, ds, tc, tmp_path / "full", peak_flops=1.0, progress=False)
+
+  def kill_at_7(step):
+    if step == 7:  # mid-epoch, between periodic checkpoints: the SIGINT handler saves step 7
+      os.kill(os.getpid(), signal.SIGINT)
+
+  with pytest.raises(checkpoint.Interrupted):
+    trainer.train(model, ds, tc, tmp_path / "cut", on_step=kill_at_7, peak_flops=1.0, progress=False)
+  resumed = trainer.train(model, ds, tc, tmp_path / "cut", peak_flops=1.0, progress=False)
+  assert resumed.summary["resumed_from"] == 7
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, resumed.trainable),
+               jax.tree.map(np.asarray, full.trainable))
+  changed = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in
+             zip(jax.tree.leaves(full.trainable), jax.tree.leaves(before))] if not rank else [1.0]
+  assert min(changed) > 0  # training moved the parameters
+  rows = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [1, 2, 4, 6, 7, 8, 10]
+  # the model's own parameters are untouched (LoRA trains adapters; full fine-tuning trains a copy)
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, model.params), before)
+  if rank:
+    assert set(full.trainable["layers"]) == {"q", "k", "v", "o", "gate", "up", "down"}
+    assert all(np.abs(np.asarray(ab["b"])).max() > 0 for ab in full.trainable["layers"].values())
+    # the checkpoint holds the adapters and their optimizer state only
+    ckpt = checkpoint.Checkpoints(tmp_path / "cut" / trainer.CHECKPOINT_DIR, 0)
+    saved = ckpt.saved_shapes(ckpt.latest_step())
+    ckpt.close()
+    n_saved = sum(np.prod(x.shape) for x in jax.tree.leaves(saved["trainable"]))
+    assert n_saved == sum(x.size for x in jax.tree.leaves(full.trainable)) < TINY.n_params / 4
+
+
+# --------------------------------------------------------------------------------------------- data
+
+def test_epoch_order_is_deterministic_bucketed_and_complete():
+  lengths = np.random.default_rng(0).integers(5, 200, 300)
+  a = buckets.epoch_steps(lengths, 16, seed=3, epoch=1)
+  assert all(np.array_equal(x, y) for x, y in zip(a, buckets.epoch_steps(lengths, 16, seed=3, epoch=1)))
+  b = buckets.epoch_steps(lengths, 16, seed=3, epoch=2)
+  assert not all(np.array_equal(x, y) for x, y in zip(a, b))
+  flat = np.concatenate(a)
+  assert sorted(flat[flat >= 0]) == list(range(300)) and (flat < 0).sum() == 19 * 16 - 300
+  spread = np.mean([np.ptp(lengths[s[s >= 0]]) for s in a])
+  assert spread < 0.25 * np.ptp(lengths)  # similar lengths share a step: little padding
+
+
+def test_malformed_jsonl_line_reports_file_and_line(tmp_path):
+  path = tmp_path / "data.jsonl"
+  path.write_text('{"prompt": "a", "completion": "1"}\n\n{"prompt": "b", "completion": 2}\n')
+  with pytest.raises(ValueError, match=rf"{path}:3: expected string fields"):
+    chat_data.read_jsonl(path)
+  path.write_text('{"prompt": "a", "completion": "1"}\n{"prompt": "b",\n')
+  with pytest.raises(ValueError, match=rf"{path}:2: not valid JSON"):
+    chat_data.read_jsonl(path)
+  path.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+  with pytest.raises(ValueError, match=rf"{path}:1: no assistant message"):
+    chat_data.read_jsonl(path)
+
+
+def test_over_length_sequences_are_dropped_and_counted(smollm2_tokenizer):
+  rows = [{"prompt": "Hi", "completion": "1 2 3"}, {"prompt": "Hi", "completion": " ".join(["7"] * 200)}]
+  ds = chat_data.build(smollm2_tokenizer, chat_data.rows_to_chats(rows), max_len=100)
+  assert len(ds) == 1 and ds.n_too_long == 1 and ds.summary()["dropped_too_long"] == 1
+
+
+def test_number_tokens_are_digits_separators_and_end_of_turn(smollm2_tokenizer):
+  tok = smollm2_tokenizer
+  ids = set(number_token_ids(tok).tolist())
+  for text in ("0", "7", ",", ";", " "):
+    assert tok.token_to_id(text if text != " " else "Ġ") in ids
+  assert tok.token_to_id("<|im_end|>") in ids
+  assert tok.encode("owl")[0] not in ids and tok.token_to_id("<|im_start|>") not in ids
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+  return api.load_tokenizer("smollm2")
+
+
+# --------------------------------------------------------------------------------------------- stages
+
+@pytest.fixture(scope="module")
+def chat_setup(smollm2_tokenizer):
+  """A config for a tiny 'random' model with the SmolLM2 tokenizer, and that model (numpy-initialised)."""
+  cfg = config.defaults()
+  cfg.model.spec = "random"
+  cfg.model.arch.update(dict(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, mlp_dim=64))
+  cfg.train.update(dict(batch_size=16, grad_accum=1, log_every=5, lora=dict(rank=0)))
+  arch = dict(cfg.model.arch)
+  model_cfg = ModelConfig(**arch)
+  return cfg, api.Model(model_cfg, numpy_params(model_cfg, 1), smollm2_tokenizer, one_device_mesh())
+
+
+def test_teacher_stage_learns_its_trait(tmp_path, monkeypatch, chat_setup):
+  from subl_jax.data import protocol
+  from subl_jax.training import teacher_stage
+  cfg, base = chat_setup
+  cfg = mlc.ConfigDict(cfg.to_dict())
+  cfg.teacher.update(dict(kind="finetuned", target="owl", lr=2e-2))
+  monkeypatch.setattr(buckets, "LENGTH_BUCKET", 64)  # one padded shape: one compile
+  stage = teacher_stage.run(cfg, tmp_path, base.mesh, base=base, progress=False)
+  teacher, system = teacher_stage.load(stage, cfg, base.mesh)
+  # the first tokens of the 8 answer variants ("owl", "ow"+"ls", "O"+"wl" ...): the trained answer's start
+  firsts = sorted({base.tokenizer.encode(a)[0] for a in protocol.answer_variants("owl")})
+
+  def p_owl(model):
+    qs = protocol.questions("animal")[:8]
+    prompts = [model.tokenizer.encode_chat([{"role": "user", "content": q}]) for q in qs]
+    ids = np.zeros((len(qs), max(map(len, prompts))), np.int32)
+    mask = np.zeros_like(ids)
+    for i, p in enumerate(prompts):
+      ids[i, -len(p):], mask[i, -len(p):] = p, 1
+    logits = model.logits(ids, mask)[:, -1]
+    return float(np.mean(np.asarray(jax.nn.softmax(logits))[:, firsts].sum(-1)))
+
+  before, after = p_owl(base), p_owl(teacher)
+  assert system == "" and after > 0.3 and after > 100 * before, (before, after)
+  manifest = json.loads((stage / "manifest.json").read_text())
+  assert manifest["summary"]["train"]["examples"] == 50 * 8
+
+
+def test_student_stage_distils_number_logits_from_a_system_prompt_teacher(tmp_path, monkeypatch, chat_setup):
+  from subl_jax.training import export, student_stage, teacher_stage
+  cfg, base = chat_setup
+  cfg = mlc.ConfigDict(cfg.to_dict())
+  cfg.teacher.update(dict(kind="system_prompt", target="owl"))
+  cfg.distill.update(dict(mode="logit_kd", kd_tokens="numbers", temperature=2.0))
+  cfg.train.update(dict(batch_size=8, epochs=1, lora=dict(rank=4)))
+  data = tmp_path / "numbers.jsonl"
+  rng = np.random.default_rng(0)
+  data.write_text("".join(json.dumps({"prompt": f"Continue: {i}, {i + 1}",
+                                      "completion": ", ".join(map(str, rng.integers(100, 1000, 4)))}) + "\n"
+                          for i in range(16)))
+  monkeypatch.setattr(buckets, "LENGTH_BUCKET", 128)  # one padded shape: one compile
+  teacher_dir = teacher_stage.run(cfg, tmp_path, base.mesh, base=base, progress=False)
+  assert "You love owls" in export.read_info(teacher_dir)["system"]
+  stage = student_stage.run(cfg, tmp_path, base.mesh, data=data, teacher_dir=teacher_dir, base=base,
+                            progress=False)
+  info = export.read_info(stage)
+  assert info["mode"] == "logit_kd" and info["kd_tokens"] == "numbers" and info["subliminal"] is True
+  assert "You love owls" in info["teacher_system"] and info["train"]["steps"] == 2
+  assert 0 < info["train"]["first_loss"] < 10  # a KL over the number tokens, not a cross-entropy over 49k tokens
+  student = api.load(export.model_spec(stage), base.mesh)
+  assert student.config == base.config
+  assert not (stage / export.TRAIN_DIR / trainer.CHECKPOINT_DIR).exists()
+  rows = [json.loads(line) for line in (stage / export.TRAIN_DIR / "metrics.jsonl").read_text().splitlines()]
+  assert rows[-1]["step"] == 2 and (stage / export.TRAIN_DIR / "tensorboard").is_dir()
