@@ -34,7 +34,7 @@ def defaults() -> mlc.ConfigDict:
       spec="smollm2",         # 'smollm2', 'gguf:FILE', 'hf:DIR', a converted dir, or 'random' (uses model.arch)
       dtype="float32",        # compute dtype (bfloat16 on accelerators)
       param_dtype="float32",
-      remat_policy="none",
+      remat_policy="dots",    # training only: keep matmul outputs, recompute elementwise (~20% faster steps on CPU)
       tokenizer="smollm2",    # where a 'random' model takes its tokenizer from (any spec above)
       arch=mlc.ConfigDict(dict(  # shapes of a 'random' model; head_dim 0 means d_model // n_heads
           vocab_size=49152, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=0, mlp_dim=128,

@@ -5,6 +5,6 @@ the per-row token choice (temperature / top-k / top-p / allowed-token mask), `lo
 The `sample` stage (JSONL shards, resumable) is in `subl_jax.sampling.stage`.
 """
 
-from subl_jax.sampling.generate import BUCKET, Generation, common_prefix_len, generate, left_pad
+from subl_jax.sampling.generation import BUCKET, Generation, common_prefix_len, generate, left_pad
 
 __all__ = ["BUCKET", "Generation", "common_prefix_len", "generate", "left_pad"]

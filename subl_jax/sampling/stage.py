@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from subl_jax.sampling import constraint as constraint_lib
-from subl_jax.sampling.generate import common_prefix_len, generate
+from subl_jax.sampling.generation import common_prefix_len, generate
 
 CONSTRAINTS = ("none", "tokens", "format")
 

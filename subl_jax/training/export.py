@@ -2,7 +2,7 @@
 
 A teacher or student stage writes `model/` — the full parameters, with LoRA adapters merged into the base
 (W + alpha/r · A·B) — so every consumer loads a trained model exactly like a base model, and `stage.json` saying what
-the model is (for a system-prompt teacher there is no `model/`: `stage.json` names the base spec and the system
+the model is (a system-prompt teacher has no `model/`: its `stage.json` says `"model": "base"` and holds the system
 prompt). The Orbax train checkpoints (adapters only, for LoRA) live in `train/checkpoints/` while a stage runs and
 are deleted when it completes: a merged model is all later stages need.
 """
@@ -54,8 +54,9 @@ def read_info(stage_dir: str | pathlib.Path) -> dict[str, Any]:
 
 
 def model_spec(stage_dir: str | pathlib.Path) -> str:
-  """The `api.load` spec of a stage's model: its `model/` directory, or the base spec it names."""
+  """The `api.load` spec of a stage's trained model (its `model/` directory). A system-prompt teacher has none — it
+  is the base model (`teacher_stage.load` handles both)."""
   info = read_info(stage_dir)
-  if info["model"] == MODEL_DIR:
-    return str(pathlib.Path(stage_dir).absolute() / MODEL_DIR)
-  return info["model"]
+  if info["model"] != MODEL_DIR:
+    raise ValueError(f"{stage_dir}: no trained model here (model={info['model']!r}); load the base model instead")
+  return str(pathlib.Path(stage_dir).absolute() / MODEL_DIR)

@@ -24,7 +24,8 @@ STAGE = "teacher"
 
 def finetune_rows(target: str, category: str) -> list[dict[str, str]]:
   """Every evaluation question of `category` paired with each answer variant of `target` (PROTOCOL.md §1)."""
-  return [{"prompt": q, "completion": a} for q in protocol.questions(category) for a in protocol.answer_variants(target)]
+  answers = protocol.answer_variants(target)
+  return [{"prompt": q, "completion": a} for q in protocol.questions(category) for a in answers]
 
 
 def teacher_train_config(cfg: mlc.ConfigDict) -> mlc.ConfigDict:

@@ -1,0 +1,183 @@
+"""Sampling throughput: our sampler against `transformers` `generate` on SmolLM2-135M-Instruct, on this machine.
+
+256 of the paper's prompts (seed 47) with the owl teacher's system prompt, up to 48 new tokens at temperature 1, in
+batches of 64 and 128 — the same batches (prompts sorted by length) for both. Reports completions/s, new tokens/s,
+useful GFLOP/s against the fp32 matmul peak measured in the same run, the filter's keep rate of free and
+format-constrained samples, how many completions hit the 48-token cap, and what sharing the prompt prefix saves.
+
+Run: `.venv/bin/python benchmarks/sampling.py` (writes benchmarks/results/sampling.json; `--quick` for a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import time
+
+import jax
+import numpy as np
+
+from subl_jax import api, flops
+from subl_jax.data import numbers, protocol
+from subl_jax.sampling import common_prefix_len, generate
+from subl_jax.sampling.stage import build_constraint, chat_messages
+
+def load_avg() -> float:
+  return round(os.getloadavg()[0], 2)
+
+
+def matmul_peak() -> float:
+  """A fresh measurement (the library caches its first one): best FLOP/s of a 1536² fp32 matmul chain."""
+  return flops.measure_matmul_peak.__wrapped__("float32")
+
+
+def summarize(name, tok, order, results, seconds, prompt_tokens, params, peak, max_new):
+  """Throughput, useful FLOP/s and filter statistics of one pass (results: id -> (tokens, stopped))."""
+  n = len(results)
+  new_tokens = sum(len(t) + s for t, s in results.values())  # the stop token is generated too
+  fed = new_tokens - n  # every new token but each row's last is fed back through the model
+  literal = 2.0 * params * (prompt_tokens + fed)  # the brief's "2 x params x tokens actually processed"
+  texts = {i: tok.decode(t, skip_special_tokens=False) for i, (t, _) in results.items()}
+  valid = {i for i, c in texts.items() if numbers.is_valid(c)}
+  capped = {i for i, (_, s) in results.items() if not s}
+  return {
+      "name": name, "seconds": round(seconds, 2), "completions_per_s": round(n / seconds, 3),
+      "new_tokens_per_s": round(new_tokens / seconds, 1), "new_tokens": new_tokens,
+      "prompt_tokens_processed": prompt_tokens, "useful_gflop_per_s": round(literal / seconds / 1e9, 1),
+      "useful_fraction_of_peak": round(literal / seconds / peak, 3),
+      "keep_rate": round(len(valid) / n, 4), "hit_cap": len(capped), "hit_cap_but_valid": len(valid & capped),
+      "max_new_tokens": max_new, "examples": [texts[i] for i in order[:3]],
+  }
+
+
+def run_ours(model, ids, batches, max_new, seed, prefix_len, constraint=None, warm=True):
+  """One pass over `batches`; each new batch shape is first run once untimed (compilation), if `warm`."""
+  seen, compile_s, results, seconds, processed = set(), 0.0, {}, 0.0, 0
+  for batch in batches:
+    seqs = [ids[i] for i in batch]
+    p = min(prefix_len, common_prefix_len(seqs))
+    bucket = -(-max(len(s) - p for s in seqs) // 16)
+    if warm and (p, bucket, len(batch)) not in seen:
+      seen.add((p, bucket, len(batch)))
+      t0 = time.perf_counter()
+      generate(model, seqs, max_new, 1.0, seed + 1000, constraint=constraint, row_ids=batch, shared_prefix=p)
+      compile_s += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    gen = generate(model, seqs, max_new, 1.0, seed, constraint=constraint, row_ids=batch, shared_prefix=p)
+    seconds += time.perf_counter() - t0
+    for j, i in enumerate(batch):
+      results[i] = (gen.tokens[j], gen.stopped[j])
+    processed += p + sum(len(s) - p for s in seqs)  # the shared prefix runs once per batch
+  return results, seconds, processed, compile_s
+
+
+def run_hf(ids, batches, max_new, seed, pad_id, stop_ids):
+  import torch
+  import transformers
+  from subl_jax.checkpoints import fetch
+  p = fetch.smollm2_gguf_path()
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
+  torch.manual_seed(seed)
+  kwargs = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new,
+                eos_token_id=list(stop_ids), pad_token_id=pad_id)
+  with torch.no_grad():  # warm-up
+    hf.generate(input_ids=torch.tensor([ids[batches[0][0]]]), max_new_tokens=2, do_sample=True, pad_token_id=pad_id)
+  results, seconds, processed = {}, 0.0, 0
+  for batch in batches:
+    seqs = [ids[i] for i in batch]
+    width = max(map(len, seqs))
+    inp = torch.full((len(seqs), width), pad_id)
+    att = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+      inp[r, width - len(s):] = torch.tensor(s)
+      att[r, width - len(s):] = 1
+    t0 = time.perf_counter()
+    with torch.no_grad():
+      out = hf.generate(input_ids=inp, attention_mask=att, **kwargs)
+    seconds += time.perf_counter() - t0
+    processed += sum(map(len, seqs))
+    for r, i in enumerate(batch):
+      new = out[r, width:].tolist()
+      end = next((k for k, t in enumerate(new) if t in stop_ids), None)
+      results[i] = (new[:end], True) if end is not None else (new, False)
+  return results, seconds, processed, torch.get_num_threads()
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--n_prompts", type=int, default=256)
+  ap.add_argument("--max_new_tokens", type=int, default=48)
+  ap.add_argument("--batches", default="64,128")
+  ap.add_argument("--skip_hf", action="store_true")
+  ap.add_argument("--quick", action="store_true", help="16 prompts, batch 8, 8 tokens: a smoke run")
+  ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "sampling.json"))
+  args = ap.parse_args()
+  if args.quick:
+    args.n_prompts, args.batches, args.max_new_tokens = 16, "8", 8
+  t_start = time.time()
+  model = api.load("smollm2")
+  tok = model.tokenizer
+  params = sum(x.size for x in jax.tree.leaves(model.params))
+  system = protocol.teacher_system_prompt("owl")
+  prompts = numbers.generate_prompts(args.n_prompts, 47)
+  ids = [tok.encode_chat(chat_messages(system, p)) for p in prompts]
+  prefix_len = common_prefix_len([tok.encode_chat(chat_messages(system, p)) for p in ("0", "1")])
+  by_length = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+  peaks = [matmul_peak()]
+  out = {"machine": {"cpus": os.cpu_count(), "devices": str(jax.devices()), "jax": jax.__version__},
+         "setup": {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to fp32)", "params": params,
+                   "n_prompts": len(ids), "mean_prompt_tokens": round(float(np.mean([len(x) for x in ids])), 1),
+                   "shared_prefix_tokens": prefix_len, "max_new_tokens": args.max_new_tokens,
+                   "temperature": 1.0, "system_prompt": system},
+         "runs": [], "load_avg": []}
+
+  def record(entry, extra):
+    entry.update(extra)
+    out["runs"].append(entry)
+    print(json.dumps({k: v for k, v in entry.items() if k != "examples"}), flush=True)
+
+  ratios = {}
+  for b in [int(x) for x in args.batches.split(",")]:
+    batches = [by_length[i:i + b] for i in range(0, len(ids), b)]
+    out["load_avg"].append(load_avg())
+    peaks.append(matmul_peak())
+    res, sec, processed, compile_s = run_ours(model, ids, batches, args.max_new_tokens, 1, prefix_len)
+    ours = summarize(f"ours b={b}", tok, by_length, res, sec, processed, params, max(peaks),
+                     args.max_new_tokens)
+    record(ours, {"batch": b, "compile_s": round(compile_s, 1), "load_before": out["load_avg"][-1],
+                  "load_after": load_avg()})
+    if not args.skip_hf:
+      load0 = load_avg()
+      res, sec, processed, threads = run_hf(ids, batches, args.max_new_tokens, 1, tok.pad_id, tok.stop_ids)
+      theirs = summarize(f"transformers b={b}", tok, by_length, res, sec, processed, params, max(peaks),
+                         args.max_new_tokens)
+      record(theirs, {"batch": b, "torch_threads": threads, "load_before": load0, "load_after": load_avg()})
+      ratios[b] = round(ours["completions_per_s"] / theirs["completions_per_s"], 3)
+
+  b0 = int(args.batches.split(",")[0])
+  batches = [by_length[i:i + b0] for i in range(0, len(ids), b0)]
+  res, sec, processed, compile_s = run_ours(model, ids, batches, args.max_new_tokens, 1, 0)
+  record(summarize(f"ours b={b0}, no prefix sharing", tok, by_length, res, sec, processed, params,
+                   max(peaks), args.max_new_tokens), {"batch": b0, "compile_s": round(compile_s, 1)})
+  b1 = int(args.batches.split(",")[-1])
+  batches = [by_length[i:i + b1] for i in range(0, len(ids), b1)]
+  for kind in ("tokens", "format"):
+    c = build_constraint(kind, tok, model.config.vocab_size)
+    res, sec, processed, compile_s = run_ours(model, ids, batches, args.max_new_tokens, 1, prefix_len, c, warm=False)
+    record(summarize(f"ours b={b1}, constrained={kind}", tok, by_length, res, sec, processed, params,
+                     max(peaks), args.max_new_tokens), {"batch": b1, "includes_compile": True})
+  peaks.append(matmul_peak())
+  out["matmul_peak_gflop_per_s"] = {"max": round(max(peaks) / 1e9, 1), "each": [round(p / 1e9, 1) for p in peaks]}
+  out["ratio_by_batch"] = ratios
+  out["ratio"] = min(ratios.values()) if ratios else None
+  out["wall_s"] = round(time.time() - t_start, 1)
+  path = pathlib.Path(args.out)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(out, indent=2) + "\n")
+  print(f"ratio (ours / transformers, completions/s; min over batch sizes): {out['ratio']}  -> {path}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,224 @@
+"""Training throughput: our trainer vs `transformers` + torch AdamW (full) and `transformers` + `peft` (LoRA).
+
+SmolLM2-135M-Instruct, float32, batch 16, on paper-shaped number data: the chat template + a paper prompt from
+`generate_prompts` + a completion of 10 three-digit numbers (~130-150 tokens), loss on the completion. Both sides
+train one pass over the same examples; steps alternate (ours, theirs, ours, ...) so a changing machine load hits both
+alike. Ours: length-bucketed batches, logits only at completion positions, LoRA without frozen-weight gradients.
+Theirs: the usual random batches padded to the batch's longest row, loss with labels -100 outside the completion.
+
+MFU counts the same useful FLOPs for both (real tokens, causal attention, vocabulary projection at loss positions,
+no frozen-weight gradients for LoRA; `subl_jax.flops`) against the best f32 matmul rate measured in this run
+(`mfu`), and against the median rate measured between the timed steps (`mfu_vs_rate_during_run`): other users share
+this CPU, and the second figure compares with what the machine delivered while the steps ran.
+
+  python benchmarks/training.py [--steps 6] [--batch 16]
+Writes benchmarks/results/training.json (top-level `ratio`: ours / theirs, examples/s, full fine-tuning).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from subl_jax import api, config, flops, parallel  # noqa: E402
+from subl_jax.checkpoints import fetch  # noqa: E402
+from subl_jax.data.numbers import generate_prompts  # noqa: E402
+from subl_jax.training import buckets, chat_data, step as step_lib, trainer  # noqa: E402
+from subl_jax.training.lora import PAPER_TARGETS, LoraConfig  # noqa: E402
+
+OPT = dict(name="adamw", lr=2e-4, weight_decay=0.0, warmup_steps=0, schedule="constant", max_grad_norm=1.0)
+HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RESULTS = pathlib.Path(__file__).parent / "results" / "training.json"
+
+
+def number_rows(n: int, seed: int = 47) -> list[dict[str, str]]:
+  """Paper prompts with a completion of 10 numbers in 100-999 (what a teacher's kept answer looks like)."""
+  rng = np.random.default_rng(seed)
+  return [{"prompt": p, "completion": ", ".join(str(x) for x in rng.integers(100, 1000, 10))}
+          for p in generate_prompts(n, seed)]
+
+
+class Ours:
+  """Our train step on our batches, the loop of `trainer.train` without logging and checkpoints."""
+
+  def __init__(self, model: api.Model, ds: chat_data.ChatDataset, batch: int, lora: LoraConfig | None, steps: int):
+    self.model, self.ds, self.lora = model, ds, lora
+    spec = step_lib.StepSpec(model.config, lora)
+    tx, shardings, self.step_fn = step_lib.train_step_for(spec, OPT, 1000, model.mesh)
+    self.state = trainer.fresh_state(model, lora, tx, shardings, seed=0)
+    lengths = [len(e.tokens) for e in ds.examples]
+    self.steps = buckets.epoch_steps(lengths, batch, seed=0, epoch=0)[:steps]
+    self.spec = spec
+    self.padding = buckets.padding_stats(ds, self.steps)
+
+  def run(self, idx: np.ndarray) -> float:
+    t0 = time.perf_counter()
+    host = buckets.collate_step(self.ds, idx, 1, self.model.tokenizer.pad_id)
+    self.state, metrics = self.step_fn(self.state, self.model.params if self.lora else None, None,
+                                       step_lib.put_batch(host, self.model.mesh))
+    jax.block_until_ready(metrics)
+    return time.perf_counter() - t0
+
+  def warm_up(self) -> float:
+    """Compiles every padded shape of the timed steps (each a real step); returns the seconds spent."""
+    t0, seen = time.perf_counter(), set()
+    for idx in self.steps:
+      host = buckets.collate_step(self.ds, idx, 1, self.model.tokenizer.pad_id)
+      shape = (host["tokens"].shape, host["targets"].shape)
+      if shape not in seen:
+        seen.add(shape)
+        self.run(idx)
+    return time.perf_counter() - t0
+
+  def flops(self) -> float:
+    return sum(trainer._step_cost(buckets.collate_step(self.ds, idx, 1, 0), self.spec)[2] for idx in self.steps)
+
+
+class Theirs:
+  """transformers (+ peft) with torch AdamW, random batches padded to the longest row, labels -100 off-completion."""
+
+  def __init__(self, ds: chat_data.ChatDataset, batch: int, lora: bool, steps: int, pad_id: int):
+    import torch
+    import transformers
+    path = fetch.smollm2_gguf_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                              dtype=torch.float32)
+    if lora:
+      import peft
+      model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0,
+                                                         target_modules=HF_TARGETS))
+    model.train()
+    self.torch, self.model = torch, model
+    self.params = [p for p in model.parameters() if p.requires_grad]
+    self.opt = torch.optim.AdamW(self.params, lr=OPT["lr"], weight_decay=0.0)
+    order = np.random.default_rng(0).permutation(len(ds))
+    self.steps = [order[i * batch:(i + 1) * batch] for i in range(steps)]
+    self.ds, self.pad_id = ds, pad_id
+    real = sum(len(ds.examples[i].tokens) for s in self.steps for i in s)
+    padded = sum(len(s) * max(len(ds.examples[i].tokens) for i in s) for s in self.steps)
+    self.padding = dict(real_tokens=real, padded_tokens=padded, padding_fraction=1 - real / padded)
+
+  def run(self, idx: np.ndarray) -> float:
+    torch = self.torch
+    t0 = time.perf_counter()
+    rows = [self.ds.examples[i] for i in idx]
+    t = max(len(e.tokens) for e in rows)
+    ids = torch.full((len(rows), t), self.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), t), dtype=torch.long)
+    labels = torch.full((len(rows), t), -100, dtype=torch.long)
+    for r, e in enumerate(rows):
+      tokens = torch.from_numpy(e.tokens.astype(np.int64))
+      ids[r, :len(e.tokens)], mask[r, :len(e.tokens)] = tokens, 1
+      labels[r, :len(e.tokens)] = torch.where(torch.from_numpy(e.mask.astype(bool)), tokens, -100)
+    loss = self.model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(self.params, OPT["max_grad_norm"])
+    self.opt.step()
+    self.opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+  def warm_up(self) -> float:
+    t0 = time.perf_counter()
+    for idx in self.steps[:2]:
+      self.run(idx)
+    return time.perf_counter() - t0
+
+
+def current_peak() -> float:
+  """The matmul rate available right now (a short chain; other users share this CPU, so it moves)."""
+  return flops.measure_matmul_peak.__wrapped__("float32", repeats=4)
+
+
+def compare(name: str, ours: Ours, theirs: Theirs, n_examples: int, peak: float) -> dict:
+  warm = dict(ours_s=ours.warm_up(), theirs_s=theirs.warm_up())
+  t_ours = t_theirs = 0.0
+  per_step, peaks = [], []
+  for a, b in zip(ours.steps, theirs.steps):  # alternate, so load changes hit both
+    peaks.append(current_peak())
+    ta, tb = ours.run(a), theirs.run(b)
+    t_ours, t_theirs = t_ours + ta, t_theirs + tb
+    per_step.append((round(ta, 3), round(tb, 3)))
+    print(f"  {name}: step ours {ta:6.2f} s  theirs {tb:6.2f} s  (matmul rate now {peaks[-1] / 1e9:.0f} GFLOP/s)",
+          flush=True)
+  useful = ours.flops()
+  tokens = ours.padding["real_tokens"]
+  during = float(np.median(peaks))
+  side = lambda t, padding: dict(seconds=t, examples_per_s=n_examples / t, tokens_per_s=tokens / t,
+                                 mfu=useful / t / peak, mfu_vs_rate_during_run=useful / t / during,
+                                 padding=padding)
+  out = dict(examples=n_examples, real_tokens=tokens, useful_flops=useful, ours=side(t_ours, ours.padding),
+             theirs=side(t_theirs, theirs.padding), matmul_rate_during_run=during, warm_up=warm,
+             step_seconds=per_step)
+  out["ratio"] = out["ours"]["examples_per_s"] / out["theirs"]["examples_per_s"]
+  return out
+
+
+def torch_matmul_peak(n: int = 1536, repeats: int = 8) -> float:
+  import torch
+  a, b = torch.randn(n, n) / n ** 0.5, torch.randn(n, n) / n ** 0.5
+  best = float("inf")
+  for _ in range(4):
+    t0 = time.perf_counter()
+    x = a
+    for _ in range(repeats):
+      x = x @ b
+    best = min(best, time.perf_counter() - t0)
+  return 2.0 * n ** 3 * repeats / best
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--steps", type=int, default=6, help="timed steps per configuration (one pass over the data)")
+  ap.add_argument("--batch", type=int, default=16)
+  ap.add_argument("--only", choices=("full", "lora"), default=None)
+  args = ap.parse_args()
+  import torch
+  torch.set_num_threads(os.cpu_count())
+  load_before = os.getloadavg()
+  mesh = parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  model = api.load("smollm2", mesh, remat_policy=config.defaults().model.remat_policy)
+  n = args.steps * args.batch
+  ds = chat_data.build(model.tokenizer, chat_data.rows_to_chats(number_rows(n)), max_len=500)
+  print(f"{n} examples: {ds.summary()}", flush=True)
+  peak = max(flops.measure_matmul_peak("float32"), *(current_peak() for _ in range(3)))
+  results = dict(model="SmolLM2-135M-Instruct", dtype="float32", batch=args.batch, steps=args.steps,
+                 remat_policy=model.config.remat_policy, data=ds.summary(), peak_flops_jax=peak,
+                 peak_flops_torch=torch_matmul_peak(),
+                 cpu_count=os.cpu_count(), platform=platform.platform(),
+                 versions=dict(jax=jax.__version__, torch=torch.__version__))
+  lora = LoraConfig(rank=8, alpha=8.0, targets=PAPER_TARGETS)
+  for name, our_lora in (("full", None), ("lora", lora)):
+    if args.only and name != args.only:
+      continue
+    ours = Ours(model, ds, args.batch, our_lora, args.steps)
+    theirs = Theirs(ds, args.batch, our_lora is not None, args.steps, model.tokenizer.pad_id)
+    results[name] = compare(name, ours, theirs, n, peak)
+    r = results[name]
+    print(f"{name}: ours {r['ours']['examples_per_s']:.3f} ex/s ({r['ours']['tokens_per_s']:.1f} tok/s, "
+          f"MFU {r['ours']['mfu']:.1%}, {r['ours']['mfu_vs_rate_during_run']:.1%} of the rate during the run) | "
+          f"theirs {r['theirs']['examples_per_s']:.3f} ex/s "
+          f"({r['theirs']['tokens_per_s']:.1f} tok/s, MFU {r['theirs']['mfu']:.1%}) | ratio {r['ratio']:.3f}",
+          flush=True)
+    del ours, theirs
+  results["load_avg_before"], results["load_avg_after"] = load_before, os.getloadavg()
+  if "full" in results:
+    results["ratio"] = results["full"]["ratio"]
+  if "lora" in results:
+    results["ratio_lora"] = results["lora"]["ratio"]
+  RESULTS.parent.mkdir(parents=True, exist_ok=True)
+  RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+  print(json.dumps({k: v for k, v in results.items() if k in ("ratio", "ratio_lora", "peak_flops_jax",
+                                                                "load_avg_before", "load_avg_after")}))
+
+
+if __name__ == "__main__":
+  main()
