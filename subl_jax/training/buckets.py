@@ -28,10 +28,6 @@ def _round_up(x: int, k: int) -> int:
   return max(k, -(-x // k) * k)
 
 
-def steps_per_epoch(n_examples: int, global_batch: int) -> int:
-  return -(-n_examples // global_batch)
-
-
 def epoch_steps(lengths: Sequence[int], global_batch: int, seed: int, epoch: int) -> list[np.ndarray]:
   """The example indices of every step of `epoch` ([global_batch] each; -1 marks an empty filler row)."""
   lengths = np.asarray(lengths)

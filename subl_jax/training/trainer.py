@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from subl_jax import api, flops
-from subl_jax.training import buckets, checkpoint, metrics_log, optim, step as step_lib
+from subl_jax.training import batching, buckets, checkpoint, metrics_log, optim, step as step_lib
 from subl_jax.training.chat_data import ChatDataset
 from subl_jax.training.lora import LoraConfig, init_adapters
 
@@ -82,7 +82,7 @@ def train(model: api.Model, ds: ChatDataset, train_cfg: Any, run_dir: str | path
   lora = lora_config(cfg)
   spec = step_lib.StepSpec(model.config, lora, distill, teacher.config if teacher is not None else None)
   global_batch = cfg.batch_size * cfg.grad_accum
-  spe = buckets.steps_per_epoch(len(ds), global_batch)
+  spe = batching.steps_per_epoch(len(ds), global_batch)
   total = spe * cfg.epochs
   tx, shardings, step_fn = step_lib.train_step_for(spec, cfg.opt, total, mesh)
   schedule = optim.make_schedule(cfg.opt, total)
