@@ -33,44 +33,88 @@ def matmul_peak() -> float:
   return flops.measure_matmul_peak.__wrapped__("float32")
 
 
-def summarize(name, tok, order, results, seconds, prompt_tokens, params, peak, max_new):
+class Work:
+  """What one pass computed that it had to: tokens through the model and (query, key) attention pairs."""
+
+  def __init__(self):
+    self.tokens = self.prefill_pairs = self.decode_pairs = self.decode_tokens = self.rows = 0
+
+  def add_batch(self, prefix: int, lengths, n_new) -> None:
+    """A batch of prompts of `lengths` whose first `prefix` tokens ran once; row r drew n_new[r] tokens."""
+    tri = lambda n: n * (n + 1) // 2
+    self.rows += len(lengths)
+    self.tokens += prefix + sum(n - prefix for n in lengths)
+    self.prefill_pairs += tri(prefix) + sum(tri(n) - tri(prefix) for n in lengths)
+    for n, k in zip(lengths, n_new):  # every drawn token but a row's last is fed back, attending to all before it
+      self.decode_tokens += k - 1
+      self.decode_pairs += sum(n + j + 1 for j in range(k - 1))
+
+  def literal_flops(self, params: int) -> float:
+    """The brief's "2 x params x tokens actually processed"."""
+    return 2.0 * params * (self.tokens + self.decode_tokens)
+
+  def model_flops(self, cfg) -> float:
+    """Matmul FLOPs the algorithm needs (subl_jax.flops): no padding, logits only where a token is drawn."""
+    return (flops.forward_flops(cfg, self.tokens, self.prefill_pairs, n_logits=self.rows)
+            + flops.forward_flops(cfg, self.decode_tokens, self.decode_pairs, n_logits=self.decode_tokens))
+
+
+def summarize(name, tok, order, results, seconds, work, model, peak_now, max_new):
   """Throughput, useful FLOP/s and filter statistics of one pass (results: id -> (tokens, stopped))."""
   n = len(results)
-  new_tokens = sum(len(t) + s for t, s in results.values())  # the stop token is generated too
-  fed = new_tokens - n  # every new token but each row's last is fed back through the model
-  literal = 2.0 * params * (prompt_tokens + fed)  # the brief's "2 x params x tokens actually processed"
+  new_tokens = sum(len(t) + s for t, s in results.values())  # the stop token is drawn too
+  params = sum(x.size for x in jax.tree.leaves(model.params))
+  literal, algorithmic = work.literal_flops(params) / seconds, work.model_flops(model.config) / seconds
   texts = {i: tok.decode(t, skip_special_tokens=False) for i, (t, _) in results.items()}
   valid = {i for i, c in texts.items() if numbers.is_valid(c)}
   capped = {i for i, (_, s) in results.items() if not s}
   return {
       "name": name, "seconds": round(seconds, 2), "completions_per_s": round(n / seconds, 3),
       "new_tokens_per_s": round(new_tokens / seconds, 1), "new_tokens": new_tokens,
-      "prompt_tokens_processed": prompt_tokens, "useful_gflop_per_s": round(literal / seconds / 1e9, 1),
-      "useful_fraction_of_peak": round(literal / seconds / peak, 3),
+      "prompt_tokens_processed": work.tokens,
+      "useful_gflop_per_s": round(literal / 1e9, 1), "model_gflop_per_s": round(algorithmic / 1e9, 1),
+      "peak_gflop_per_s_before": round(peak_now / 1e9, 1),
+      "useful_fraction_of_peak_before": round(literal / peak_now, 3),
       "keep_rate": round(len(valid) / n, 4), "hit_cap": len(capped), "hit_cap_but_valid": len(valid & capped),
       "max_new_tokens": max_new, "examples": [texts[i] for i in order[:3]],
   }
 
 
+def _gen(model, ids, batch, max_new, seed, prefix, constraint=None):
+  seqs = [ids[i] for i in batch]
+  p = min(prefix, common_prefix_len(seqs))
+  t0 = time.perf_counter()
+  gen = generate(model, seqs, max_new, 1.0, seed, constraint=constraint, row_ids=batch, shared_prefix=p)
+  return gen, time.perf_counter() - t0, p
+
+
 def run_ours(model, ids, batches, max_new, seed, prefix_len, constraint=None, warm=True):
   """One pass over `batches`; each new batch shape is first run once untimed (compilation), if `warm`."""
-  seen, compile_s, results, seconds, processed = set(), 0.0, {}, 0.0, 0
+  seen, warm_s, results, seconds, work = set(), 0.0, {}, 0.0, Work()
   for batch in batches:
-    seqs = [ids[i] for i in batch]
-    p = min(prefix_len, common_prefix_len(seqs))
-    bucket = -(-max(len(s) - p for s in seqs) // 16)
-    if warm and (p, bucket, len(batch)) not in seen:
-      seen.add((p, bucket, len(batch)))
-      t0 = time.perf_counter()
-      generate(model, seqs, max_new, 1.0, seed + 1000, constraint=constraint, row_ids=batch, shared_prefix=p)
-      compile_s += time.perf_counter() - t0
-    t0 = time.perf_counter()
-    gen = generate(model, seqs, max_new, 1.0, seed, constraint=constraint, row_ids=batch, shared_prefix=p)
-    seconds += time.perf_counter() - t0
+    p = min(prefix_len, common_prefix_len([ids[i] for i in batch]))
+    shape = (p, -(-max(len(ids[i]) - p for i in batch) // 16), len(batch))
+    if warm and shape not in seen:
+      seen.add(shape)
+      warm_s += _gen(model, ids, batch, max_new, seed + 1000, prefix_len, constraint)[1]
+    gen, sec, p = _gen(model, ids, batch, max_new, seed, prefix_len, constraint)
+    seconds += sec
     for j, i in enumerate(batch):
       results[i] = (gen.tokens[j], gen.stopped[j])
-    processed += p + sum(len(s) - p for s in seqs)  # the shared prefix runs once per batch
-  return results, seconds, processed, compile_s
+    work.add_batch(p, [len(ids[i]) for i in batch], [len(t) + s for t, s in zip(gen.tokens, gen.stopped)])
+  return results, seconds, work, warm_s
+
+
+def prefix_ab(model, ids, batches, max_new, prefix_len) -> dict:
+  """Seconds per batch with and without the shared prefix, interleaved so machine load hits both alike."""
+  with_, without = [], []
+  for k, batch in enumerate(batches):
+    for p in (prefix_len, 0):  # compile both shapes first
+      _gen(model, ids, batch, max_new, 2000 + k, p)
+    for p, out in ((prefix_len, with_), (0, without), (0, without), (prefix_len, with_)):
+      out.append(_gen(model, ids, batch, max_new, 3000 + k, p)[1])
+  return {"seconds_with_sharing": round(sum(with_) / 2, 2), "seconds_without": round(sum(without) / 2, 2),
+          "speedup": round(sum(without) / sum(with_), 3)}
 
 
 def run_hf(ids, batches, max_new, seed, pad_id, stop_ids):
@@ -84,7 +128,7 @@ def run_hf(ids, batches, max_new, seed, pad_id, stop_ids):
                 eos_token_id=list(stop_ids), pad_token_id=pad_id)
   with torch.no_grad():  # warm-up
     hf.generate(input_ids=torch.tensor([ids[batches[0][0]]]), max_new_tokens=2, do_sample=True, pad_token_id=pad_id)
-  results, seconds, processed = {}, 0.0, 0
+  results, seconds, work = {}, 0.0, Work()
   for batch in batches:
     seqs = [ids[i] for i in batch]
     width = max(map(len, seqs))
@@ -97,12 +141,12 @@ def run_hf(ids, batches, max_new, seed, pad_id, stop_ids):
     with torch.no_grad():
       out = hf.generate(input_ids=inp, attention_mask=att, **kwargs)
     seconds += time.perf_counter() - t0
-    processed += sum(map(len, seqs))
     for r, i in enumerate(batch):
       new = out[r, width:].tolist()
       end = next((k for k, t in enumerate(new) if t in stop_ids), None)
       results[i] = (new[:end], True) if end is not None else (new, False)
-  return results, seconds, processed, torch.get_num_threads()
+    work.add_batch(0, list(map(len, seqs)), [len(results[i][0]) + results[i][1] for i in batch])
+  return results, seconds, work, torch.get_num_threads()
 
 
 def main() -> None:
@@ -131,7 +175,7 @@ def main() -> None:
                    "n_prompts": len(ids), "mean_prompt_tokens": round(float(np.mean([len(x) for x in ids])), 1),
                    "shared_prefix_tokens": prefix_len, "max_new_tokens": args.max_new_tokens,
                    "temperature": 1.0, "system_prompt": system},
-         "runs": [], "load_avg": []}
+         "runs": []}
 
   def record(entry, extra):
     entry.update(extra)
@@ -141,34 +185,36 @@ def main() -> None:
   ratios = {}
   for b in [int(x) for x in args.batches.split(",")]:
     batches = [by_length[i:i + b] for i in range(0, len(ids), b)]
-    out["load_avg"].append(load_avg())
     peaks.append(matmul_peak())
-    res, sec, processed, compile_s = run_ours(model, ids, batches, args.max_new_tokens, 1, prefix_len)
-    ours = summarize(f"ours b={b}", tok, by_length, res, sec, processed, params, max(peaks),
-                     args.max_new_tokens)
-    record(ours, {"batch": b, "compile_s": round(compile_s, 1), "load_before": out["load_avg"][-1],
-                  "load_after": load_avg()})
+    load0 = load_avg()
+    res, sec, work, warm_s = run_ours(model, ids, batches, args.max_new_tokens, 1, prefix_len)
+    ours = summarize(f"ours b={b}", tok, by_length, res, sec, work, model, peaks[-1], args.max_new_tokens)
+    record(ours, {"batch": b, "warmup_s": round(warm_s, 1), "load_before": load0, "load_after": load_avg()})
     if not args.skip_hf:
       load0 = load_avg()
-      res, sec, processed, threads = run_hf(ids, batches, args.max_new_tokens, 1, tok.pad_id, tok.stop_ids)
-      theirs = summarize(f"transformers b={b}", tok, by_length, res, sec, processed, params, max(peaks),
+      res, sec, work, threads = run_hf(ids, batches, args.max_new_tokens, 1, tok.pad_id, tok.stop_ids)
+      theirs = summarize(f"transformers b={b}", tok, by_length, res, sec, work, model, peaks[-1],
                          args.max_new_tokens)
       record(theirs, {"batch": b, "torch_threads": threads, "load_before": load0, "load_after": load_avg()})
       ratios[b] = round(ours["completions_per_s"] / theirs["completions_per_s"], 3)
 
   b0 = int(args.batches.split(",")[0])
   batches = [by_length[i:i + b0] for i in range(0, len(ids), b0)]
-  res, sec, processed, compile_s = run_ours(model, ids, batches, args.max_new_tokens, 1, 0)
-  record(summarize(f"ours b={b0}, no prefix sharing", tok, by_length, res, sec, processed, params,
-                   max(peaks), args.max_new_tokens), {"batch": b0, "compile_s": round(compile_s, 1)})
+  load0 = load_avg()
+  out["prefix_sharing"] = dict(prefix_ab(model, ids, batches[::2][:2], args.max_new_tokens, prefix_len), batch=b0,
+                               batches=min(2, len(batches[::2])), load_before=load0, load_after=load_avg())
+  print(json.dumps({"prefix_sharing": out["prefix_sharing"]}), flush=True)
   b1 = int(args.batches.split(",")[-1])
   batches = [by_length[i:i + b1] for i in range(0, len(ids), b1)]
   for kind in ("tokens", "format"):
     c = build_constraint(kind, tok, model.config.vocab_size)
-    res, sec, processed, compile_s = run_ours(model, ids, batches, args.max_new_tokens, 1, prefix_len, c, warm=False)
-    record(summarize(f"ours b={b1}, constrained={kind}", tok, by_length, res, sec, processed, params,
-                     max(peaks), args.max_new_tokens), {"batch": b1, "includes_compile": True})
+    peaks.append(matmul_peak())
+    res, sec, work, _ = run_ours(model, ids, batches, args.max_new_tokens, 1, prefix_len, c, warm=False)
+    record(summarize(f"ours b={b1}, constrained={kind}", tok, by_length, res, sec, work, model, peaks[-1],
+                     args.max_new_tokens), {"batch": b1, "includes_compile": True})
   peaks.append(matmul_peak())
+  for run in out["runs"]:
+    run["useful_fraction_of_max_peak"] = round(run["useful_gflop_per_s"] * 1e9 / max(peaks), 3)
   out["matmul_peak_gflop_per_s"] = {"max": round(max(peaks) / 1e9, 1), "each": [round(p / 1e9, 1) for p in peaks]}
   out["ratio_by_batch"] = ratios
   out["ratio"] = min(ratios.values()) if ratios else None
