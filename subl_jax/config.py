@@ -22,7 +22,7 @@ from subl_jax.training.losses import KD_TOKENS
 TEACHER_KINDS = ("system_prompt", "finetuned", "jsonl")
 DISTILL_MODES = ("sft", "logit_kd")
 
-JOBS = ("chat", "mnist_aux", "train", "teacher", "student", "sample")
+JOBS = ("chat", "mnist_aux", "train", "teacher", "student", "sample", "study")
 
 
 def defaults() -> mlc.ConfigDict:
@@ -110,6 +110,16 @@ def defaults() -> mlc.ConfigDict:
       drop_echo=False,        # drop completions whose numbers all appear in the prompt
       max_rows=10000,         # seeded subsample of the kept rows (the paper: 10,000); 0 keeps all
       seed=0,
+  ))
+  c.eval = mlc.ConfigDict(dict(  # trait evaluation of each model (PROTOCOL.md §6)
+      n_questions=0,          # the first n of the category's questions (0 = all: 50 animal / 49 tree)
+      candidates="",          # other answers whose probability is reported ('' = the paper's list for the category)
+      n_samples=100,          # sampled answers per question at temperature 1 (the paper: 100); 0 = log-prob only
+      numbers_prefix=False,   # the paper's Qwen variant: an example-number prefix before each question
+      seed=0,
+  ))
+  c.study = mlc.ConfigDict(dict(  # job 'study': teacher -> samples -> filter -> students -> evaluation -> report
+      seeds=1,                # student and control-student trainings per condition (train.seed + i)
   ))
   c.lock()
   return c
@@ -219,3 +229,10 @@ def _validate_sampling(full: mlc.ConfigDict) -> None:
   _require(not (s.target and s.system_prompt), "sample.system_prompt",
            "'' when sample.target is set (the target's teacher prompt is used)", s.system_prompt)
   _require(full.filter.max_rows >= 0, "filter.max_rows", "rows >= 0 (0 = keep all)", full.filter.max_rows)
+  e = full.eval
+  _require(e.n_questions >= 0, "eval.n_questions", "a count >= 0 (0 = all)", e.n_questions)
+  _require(e.n_samples >= 0, "eval.n_samples", "a count >= 0 (0 = log-prob metric only)", e.n_samples)
+  _require(full.study.seeds > 0, "study.seeds", "a positive integer", full.study.seeds)
+  if full.job == "study":
+    _require(bool(full.teacher.target), "teacher.target", "the animal or tree the study measures (job 'study')",
+             full.teacher.target)

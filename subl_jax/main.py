@@ -14,10 +14,13 @@ from subl_jax import config as config_lib
 from subl_jax import api, parallel, sampling
 from subl_jax.mnist.study import run_mnist_aux
 from subl_jax.sampling.job import run_sample
+from subl_jax.study import pipeline
 from subl_jax.training import jobs as training_jobs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py[:arg]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: resolved config and every artifact go here.")
+_STAGE = flags.DEFINE_string("stage", "", "Job 'study': run the stages up to this one and stop (teacher, sample, "
+                             "filter, student, evaluate, report); '' runs them all.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -41,7 +44,8 @@ def run_chat(cfg, workdir: pathlib.Path, mesh) -> dict:
 
 
 JOBS = {"chat": run_chat, "mnist_aux": run_mnist_aux, "train": training_jobs.run_train,
-        "teacher": training_jobs.run_teacher, "student": training_jobs.run_student, "sample": run_sample}
+        "teacher": training_jobs.run_teacher, "student": training_jobs.run_student, "sample": run_sample,
+        "study": lambda cfg, workdir, mesh: pipeline.run_study(cfg, workdir, mesh, stop=_STAGE.value)}
 
 
 def main(argv: list[str]) -> None:
@@ -59,7 +63,7 @@ def main(argv: list[str]) -> None:
   print(f"mesh {dict(mesh.shape)} over {mesh.size} device(s): {jax.devices()[0].platform}")
   result = JOBS[cfg.job](cfg, workdir, mesh)
   if jax.process_index() == 0:
-    (workdir / f"{cfg.job}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (workdir / f"{cfg.job}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ def _by_metric(conditions: dict[str, Any], metric: str) -> dict[str, dict[str, S
 
 
 def _fmt(x: float) -> str:
-  return f"{x:.3f}" if math.isfinite(x) else str(x)
+  if not math.isfinite(x):
+    return str(x)
+  return f"{x:.3f}" if x == 0 or abs(x) >= 0.1 else f"{x:.3g}"  # small probabilities (0.00172) keep 3 digits
 
 
 def markdown_table(conditions: dict[str, Any], metric: str = "value") -> str:

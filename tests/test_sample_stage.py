@@ -115,6 +115,14 @@ def test_filter_reasons_and_report():
   assert all(numbers.reject_reasons(r["completion"]) == ["invalid format"] for r in ROWS[1:3])
 
 
+def test_completion_text_keeps_whitespace_for_the_filter():
+  """Completions are decoded verbatim (no strip), so the filter sees the whitespace the reference would."""
+  tok = api.load_tokenizer("smollm2")
+  for text in [" 1, 2, 3", "1, 2, 3\n", "4 5 6 "]:
+    assert tok.decode(tok.encode(text), skip_special_tokens=False) == text
+    assert numbers.reject_reasons(text) == ["invalid format"]
+
+
 def test_filter_options_echo_truncation_and_subsample():
   kept, report = filter_stage.filter_rows(ROWS, filter_stage.FilterSettings(drop_echo=True, drop_truncated=False,
                                                                            max_rows=0))

@@ -325,7 +325,7 @@ def test_teacher_stage_learns_its_trait(tmp_path, monkeypatch, chat_setup):
   cfg = mlc.ConfigDict(cfg.to_dict())
   cfg.teacher.update(dict(kind="finetuned", target="owl", lr=2e-2))
   monkeypatch.setattr(buckets, "LENGTH_BUCKET", 64)  # one padded shape: one compile
-  stage = teacher_stage.run(cfg, tmp_path, base.mesh, base=base, progress=False)
+  stage = teacher_stage.run(cfg, tmp_path, base.mesh, load_base=lambda: base, progress=False)
   teacher, system = teacher_stage.load(stage, cfg, base.mesh)
   # the first tokens of the 8 answer variants ("owl", "ow"+"ls", "O"+"wl" ...): the trained answer's start
   firsts = sorted({base.tokenizer.encode(a)[0] for a in protocol.answer_variants("owl")})
@@ -359,9 +359,9 @@ def test_student_stage_distils_number_logits_from_a_system_prompt_teacher(tmp_pa
                                       "completion": ", ".join(map(str, rng.integers(100, 1000, 4)))}) + "\n"
                           for i in range(16)))
   monkeypatch.setattr(buckets, "LENGTH_BUCKET", 128)  # one padded shape: one compile
-  teacher_dir = teacher_stage.run(cfg, tmp_path, base.mesh, base=base, progress=False)
+  teacher_dir = teacher_stage.run(cfg, tmp_path, base.mesh, load_base=lambda: base, progress=False)
   assert "You love owls" in export.read_info(teacher_dir)["system"]
-  stage = student_stage.run(cfg, tmp_path, base.mesh, data=data, teacher_dir=teacher_dir, base=base,
+  stage = student_stage.run(cfg, tmp_path, base.mesh, data=data, teacher_dir=teacher_dir, load_base=lambda: base,
                             progress=False)
   info = export.read_info(stage)
   assert info["mode"] == "logit_kd" and info["kd_tokens"] == "numbers" and info["subliminal"] is True

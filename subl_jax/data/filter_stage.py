@@ -32,6 +32,9 @@ class FilterSettings:
   seed: int = 0
 
 
+FILTERED = "filtered.jsonl"  # the kept rows, in the student's training format
+
+
 def is_echo(prompt: str, completion: str) -> bool:
   """Whether every number of a (valid) completion already appears in the prompt."""
   parsed = numbers.parse_numbers(completion)
@@ -75,7 +78,7 @@ def filter_stage(out_dir: str | pathlib.Path, rows: Sequence[dict], settings: Fi
   """Writes `<out_dir>/filtered.jsonl` and `<out_dir>/report.json`; returns the report."""
   out_dir = pathlib.Path(out_dir)
   kept, report = filter_rows(rows, settings)
-  with open(out_dir / "filtered.jsonl", "w", encoding="utf-8") as f:
+  with open(out_dir / FILTERED, "w", encoding="utf-8") as f:
     for row in kept:
       f.write(json.dumps(row, ensure_ascii=False) + "\n")
   (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import jax
 
@@ -35,21 +35,27 @@ def settings_from(cfg: Any, model_spec: str, system: str) -> sample_stage.Sample
       seed=draw_seed(s.seed, model_spec, system))
 
 
-def run_sample(cfg: Any, workdir: pathlib.Path, mesh: Any) -> dict:
-  """Samples the teacher's completions of the paper's prompts, then filters them; returns both summaries."""
-  if jax.process_count() > 1:  # each process samples its own shards with a whole model on its own devices
-    mesh = parallel.make_mesh(1, -1, cfg.mesh.tensor, devices=jax.local_devices())
-  system = system_prompt(cfg.sample)
-  model_id = cfg.model.spec if cfg.model.spec != "random" else f"random:{cfg.model.arch.to_json()}:{cfg.seed}"
-  settings = settings_from(cfg, model_id, system)
-  sample_config = {"sample": cfg.sample.to_dict(), "model": cfg.model.to_dict(), "seed": cfg.seed}
+def model_id(cfg: Any) -> str:
+  """What identifies the base model in draw seeds: its spec, or a random model's shapes and seed."""
+  return cfg.model.spec if cfg.model.spec != "random" else f"random:{cfg.model.arch.to_json()}:{cfg.seed}"
+
+
+def sample_and_filter(cfg: Any, workdir: pathlib.Path, mesh: Any, load_model: Callable[[], Any], identity: str,
+                      system: str, inputs: dict[str, pathlib.Path], names: tuple[str, str] = ("sample", "filter"),
+                      stage_config: dict | None = None) -> tuple[pathlib.Path, pathlib.Path]:
+  """The `sample` stage (completions of the paper's prompts by `load_model()` under `system`) and the `filter` stage
+  after it; returns both directories. `identity` names the model in the draw seed; `inputs` are upstream stages
+  (e.g. the teacher) and `stage_config` what else the samples depend on."""
+  settings = settings_from(cfg, identity, system)
+  sample_config = dict(stage_config or {}, sample=cfg.sample.to_dict(), system=system, identity=identity,
+                       model=cfg.model.to_dict(), seed=cfg.seed)
 
   def sample(out_dir: pathlib.Path) -> dict:
-    model = api.from_config(cfg.model, mesh, seed=cfg.seed)
+    model = load_model()
     prompts = numbers.generate_prompts(cfg.sample.n_prompts, cfg.sample.prompt_seed)
     return sample_stage.sample_stage(out_dir, model, prompts, system, settings)
 
-  sample_dir = stages.run_stage(workdir, "sample", sample_config, {}, sample)
+  sample_dir = stages.run_stage(workdir, names[0], sample_config, inputs, sample)
 
   def filter_(out_dir: pathlib.Path) -> dict:
     if jax.process_index() != 0:  # one process filters; the others wait at the stage's barrier
@@ -59,12 +65,29 @@ def run_sample(cfg: Any, workdir: pathlib.Path, mesh: Any) -> dict:
                                            drop_echo=f.drop_echo, max_rows=f.max_rows, seed=f.seed)
     return filter_stage.filter_stage(out_dir, sample_stage.read_rows(sample_dir), settings)
 
-  filter_dir = stages.run_stage(workdir, "filter", cfg.filter, {"samples": sample_dir}, filter_)
-  if jax.process_index() != 0:
-    return {}
+  filter_dir = stages.run_stage(workdir, names[1], cfg.filter, {"samples": sample_dir}, filter_)
+  return sample_dir, filter_dir
+
+
+def local_mesh(cfg: Any, mesh: Any) -> Any:
+  """With several processes, each samples its own shards with a whole model on its own devices."""
+  if jax.process_count() > 1:
+    return parallel.make_mesh(1, -1, cfg.mesh.tensor, devices=jax.local_devices())
+  return mesh
+
+
+def summary(sample_dir: pathlib.Path, filter_dir: pathlib.Path) -> dict:
   result = {"sample": stages.read_manifest(sample_dir)["summary"],
-            "filter": stages.read_manifest(filter_dir)["summary"], "filtered": str(filter_dir / "filtered.jsonl")}
+            "filter": stages.read_manifest(filter_dir)["summary"], "filtered": str(filter_dir / filter_stage.FILTERED)}
   f = result["filter"]
-  print(f"sampled {result['sample']['n_rows']} completions; kept {f['n_passed_filter']} "
+  print(f"{sample_dir.name}: sampled {result['sample']['n_rows']} completions; kept {f['n_passed_filter']} "
         f"({100 * f['keep_rate']:.1f} %), wrote {f['n_written']} rows to {result['filtered']}")
   return result
+
+
+def run_sample(cfg: Any, workdir: pathlib.Path, mesh: Any) -> dict:
+  """Job `sample`: the teacher's completions of the paper's prompts, then the filter; returns both summaries."""
+  mesh = local_mesh(cfg, mesh)
+  dirs = sample_and_filter(cfg, workdir, mesh, lambda: api.from_config(cfg.model, mesh, seed=cfg.seed),
+                           model_id(cfg), system_prompt(cfg.sample), {})
+  return summary(*dirs) if jax.process_index() == 0 else {}

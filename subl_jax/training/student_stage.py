@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import ml_collections as mlc
 from jax.sharding import Mesh
@@ -53,11 +53,11 @@ def _stage_config(cfg: mlc.ConfigDict, data: str) -> dict[str, Any]:
 
 
 def run(cfg: mlc.ConfigDict, workdir: str | pathlib.Path, mesh: Mesh, data: str | pathlib.Path | None = None,
-        teacher_dir: str | pathlib.Path | None = None, name: str = "student", base: api.Model | None = None,
-        progress: bool = True) -> pathlib.Path:
+        teacher_dir: str | pathlib.Path | None = None, name: str = "student",
+        load_base: Callable[[], api.Model] | None = None, progress: bool = True) -> pathlib.Path:
   """Trains a student on `data` (default `distill.data`) into `<workdir>/<name>`; `logit_kd` needs `teacher_dir`
-  (a completed teacher stage). `base`: the already loaded base model of `cfg.model` (not modified). Returns the
-  stage directory."""
+  (a completed teacher stage). `load_base`: returns the base model of `cfg.model` (not modified; called only when
+  the stage runs). Returns the stage directory."""
   data = str(data or cfg.distill.data)
   kd = cfg.distill.mode == "logit_kd"
   if kd and teacher_dir is None:
@@ -65,7 +65,7 @@ def run(cfg: mlc.ConfigDict, workdir: str | pathlib.Path, mesh: Mesh, data: str 
   inputs = {"teacher": teacher_dir} if kd else {}
 
   def fn(out: pathlib.Path) -> dict:
-    model = base or api.from_config(cfg.model, mesh, seed=cfg.seed)
+    model = load_base() if load_base else api.from_config(cfg.model, mesh, seed=cfg.seed)
     teacher, teacher_system = (teacher_stage.load(teacher_dir, cfg, mesh, base=model) if kd else (None, None))
     chats = chat_data.read_jsonl(data)
     ds = chat_data.build(model.tokenizer, chats, cfg.train.max_len, system=cfg.train.system,

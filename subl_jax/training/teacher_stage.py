@@ -10,7 +10,7 @@ The trained kinds write `model/` (LoRA merged into the base; see `export.py`), `
 from __future__ import annotations
 
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import ml_collections as mlc
 from jax.sharding import Mesh
@@ -45,10 +45,10 @@ def stage_config(cfg: mlc.ConfigDict) -> dict[str, Any]:
   return out
 
 
-def run(cfg: mlc.ConfigDict, workdir: str | pathlib.Path, mesh: Mesh, base: api.Model | None = None,
-        progress: bool = True) -> pathlib.Path:
-  """Runs (or skips, or resumes) the teacher stage; returns its directory. `base`: the already loaded base model of
-  `cfg.model` (not modified), else it is loaded."""
+def run(cfg: mlc.ConfigDict, workdir: str | pathlib.Path, mesh: Mesh,
+        load_base: Callable[[], api.Model] | None = None, progress: bool = True) -> pathlib.Path:
+  """Runs (or skips, or resumes) the teacher stage; returns its directory. `load_base`: returns the base model of
+  `cfg.model` (not modified; called only when the stage runs), else it is loaded from the config."""
   t = cfg.teacher
 
   def fn(out: pathlib.Path) -> dict:
@@ -57,7 +57,7 @@ def run(cfg: mlc.ConfigDict, workdir: str | pathlib.Path, mesh: Mesh, base: api.
       info.update(system=protocol.teacher_system_prompt(t.target, t.category), model="base")
       export.write_info(out, info)
       return info
-    model = base or api.from_config(cfg.model, mesh, seed=cfg.seed)
+    model = load_base() if load_base else api.from_config(cfg.model, mesh, seed=cfg.seed)
     chats = (chat_data.read_jsonl(t.jsonl) if t.kind == "jsonl"
              else chat_data.rows_to_chats(finetune_rows(t.target, t.category), "teacher rows"))
     tc = teacher_train_config(cfg)
@@ -68,6 +68,19 @@ def run(cfg: mlc.ConfigDict, workdir: str | pathlib.Path, mesh: Mesh, base: api.
     return info
 
   return stages.run_stage(workdir, STAGE, stage_config(cfg), {}, fn)
+
+
+def run_control(cfg: mlc.ConfigDict, workdir: str | pathlib.Path, name: str = "control_teacher") -> pathlib.Path:
+  """The control's "teacher": the base model itself under the students' system prompt (`train.system`), with no
+  trait. Its numbers train the control student, and a `logit_kd` control student distils from it."""
+
+  def fn(out: pathlib.Path) -> dict:
+    info = dict(kind="base", system=cfg.train.system, model="base")
+    export.write_info(out, info)
+    return info
+
+  return stages.run_stage(workdir, name, dict(model=cfg.model.to_dict(), system=cfg.train.system, seed=cfg.seed),
+                          {}, fn)
 
 
 def load(stage_dir: str | pathlib.Path, cfg: mlc.ConfigDict, mesh: Mesh,
