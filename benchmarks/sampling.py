@@ -6,8 +6,15 @@ useful GFLOP/s against the fp32 matmul peak measured in the same run, the filter
 format-constrained samples, how many completions hit the 48-token cap, and what sharing the prompt prefix saves.
 
 Run: `.venv/bin/python benchmarks/sampling.py` (writes benchmarks/results/sampling.json; `--quick` for a smoke run).
-"""
 
+On an accelerator without the GGUF (benchmarks/gpu.sh): `--export_inputs DIR` (here) writes SmolLM2's tokenizer and
+model config (no weights) to DIR; there `--random_weights DIR --dtype bfloat16 --batches 256,512,1024
+--n_prompts 1024 --peak_n 8192` runs both sides on RANDOM weights of the same architecture (the GGUF is too large to
+carry; no step's cost depends on weight values), at a fixed length (stop tokens ignored on both sides: with random
+weights a stop token is an arbitrary draw), on the GPU for both (`transformers` gets a random LlamaForCausalLM of the
+same config). The matmul peak is then measured in `--dtype` at `--peak_n`; the prefix-sharing A/B and the
+constrained runs are skipped (keep rates mean nothing with random weights).
+"""
 from __future__ import annotations
 
 import argparse
@@ -19,7 +26,8 @@ import time
 import jax
 import numpy as np
 
-from subl_jax import api, flops
+import common
+from subl_jax import api, flops, parallel
 from subl_jax.data import numbers, protocol
 from subl_jax.sampling import common_prefix_len, generate
 from subl_jax.sampling.stage import build_constraint, chat_messages
@@ -28,9 +36,9 @@ def load_avg() -> float:
   return round(os.getloadavg()[0], 2)
 
 
-def matmul_peak() -> float:
-  """A fresh measurement (the library caches its first one): best FLOP/s of a 1536² fp32 matmul chain."""
-  return flops.measure_matmul_peak.__wrapped__("float32")
+def matmul_peak(dtype: str = "float32", n: int = 1536) -> float:
+  """A fresh measurement (the library caches its first one): best FLOP/s of an n² matmul chain in `dtype`."""
+  return common.jax_matmul_peak(dtype, n)
 
 
 class Work:
@@ -117,30 +125,59 @@ def prefix_ab(model, ids, batches, max_new, prefix_len) -> dict:
           "speedup": round(sum(without) / sum(with_), 3)}
 
 
-def run_hf(ids, batches, max_new, seed, pad_id, stop_ids):
+def hf_model(args, cfg):
+  """transformers' model: the GGUF (as our side loads it), or random weights of `cfg`'s shapes; on the GPU if any."""
   import torch
   import transformers
+  device = common.torch_device()
+  if args.random_weights:
+    return common.hf_random_model(cfg, args.dtype, device).eval(), device
   from subl_jax.checkpoints import fetch
   p = fetch.smollm2_gguf_path()
-  hf = transformers.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
+                                                         dtype=getattr(torch, args.dtype))
+  return hf.to(device).eval(), device
+
+
+def run_hf(hf, device, ids, batches, max_new, seed, pad_id, stop_ids, fixed_length=False):
+  """One pass of `generate` over `batches`; `fixed_length`: no stop token, every row draws max_new tokens."""
+  import torch
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
   torch.manual_seed(seed)
-  kwargs = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new,
-                eos_token_id=list(stop_ids), pad_token_id=pad_id)
-  with torch.no_grad():  # warm-up
-    hf.generate(input_ids=torch.tensor([ids[batches[0][0]]]), max_new_tokens=2, do_sample=True, pad_token_id=pad_id)
-  results, seconds, work = {}, 0.0, Work()
-  for batch in batches:
-    seqs = [ids[i] for i in batch]
+  kwargs = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new, pad_token_id=pad_id)
+  if fixed_length:
+    stop_ids = ()  # the model's generation config names no eos (common.hf_random_model)
+  else:
+    kwargs["eos_token_id"] = list(stop_ids)
+
+  def padded(seqs):
     width = max(map(len, seqs))
     inp = torch.full((len(seqs), width), pad_id)
     att = torch.zeros((len(seqs), width), dtype=torch.long)
     for r, s in enumerate(seqs):
       inp[r, width - len(s):] = torch.tensor(s)
       att[r, width - len(s):] = 1
+    return inp.to(device), att.to(device), width
+
+  with torch.no_grad():  # warm-up
+    hf.generate(input_ids=torch.tensor([ids[batches[0][0]]], device=device), max_new_tokens=2, do_sample=True,
+                pad_token_id=pad_id)
+    if device == "cuda":  # and the largest batch once, so the caching allocator has grown before the timed pass
+      inp, att, _ = padded([ids[i] for i in batches[0]])
+      hf.generate(input_ids=inp, attention_mask=att, **dict(kwargs, max_new_tokens=2))
+  results, seconds, work = {}, 0.0, Work()
+  for batch in batches:
+    seqs = [ids[i] for i in batch]
+    inp, att, width = padded(seqs)
+    sync()
     t0 = time.perf_counter()
     with torch.no_grad():
       out = hf.generate(input_ids=inp, attention_mask=att, **kwargs)
+    sync()
     seconds += time.perf_counter() - t0
+    out = out.cpu()
+    if fixed_length and out.shape[1] != width + max_new:
+      raise RuntimeError(f"transformers stopped early: {out.shape[1] - width} of {max_new} new tokens")
     for r, i in enumerate(batch):
       new = out[r, width:].tolist()
       end = next((k for k, t in enumerate(new) if t in stop_ids), None)
@@ -156,72 +193,119 @@ def main() -> None:
   ap.add_argument("--batches", default="64,128")
   ap.add_argument("--skip_hf", action="store_true")
   ap.add_argument("--quick", action="store_true", help="16 prompts, batch 8, 8 tokens: a smoke run")
+  ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                  help="parameters and compute, both sides; also the matmul peak's dtype")
+  ap.add_argument("--peak_n", type=int, default=1536, help="matrix size of the matmul peak (8192 on a GPU)")
+  ap.add_argument("--export_inputs", metavar="DIR", help="write SmolLM2's tokenizer + model config to DIR and exit")
+  ap.add_argument("--random_weights", metavar="DIR",
+                  help="random weights of --arch, tokenizer from DIR (--export_inputs); fixed-length generation")
+  ap.add_argument("--arch", default="smollm2-135m", choices=("smollm2-135m", *common.ARCHS),
+                  help="the random-weight architecture (with --random_weights)")
   ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "sampling.json"))
   args = ap.parse_args()
+  if args.export_inputs:
+    print(f"wrote {common.export_inputs(args.export_inputs)}")
+    return
   if args.quick:
     args.n_prompts, args.batches, args.max_new_tokens = 16, "8", 8
   t_start = time.time()
-  model = api.load("smollm2")
-  tok = model.tokenizer
+  numerics = dict(dtype=args.dtype, param_dtype=args.dtype)
+  fixed_length = bool(args.random_weights)
+  if args.random_weights:
+    tok = common.load_tokenizer(args.random_weights)
+    cfg = common.arch_config(args.arch, args.random_weights, **numerics)
+    model = common.without_stop_tokens(common.random_model(cfg, tok, parallel.make_mesh()))
+    model_note = f"{args.arch} architecture, random weights, {args.dtype}"
+  else:
+    model = api.load("smollm2", **numerics)
+    tok = model.tokenizer
+    model_note = f"SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to {args.dtype})"
   params = sum(x.size for x in jax.tree.leaves(model.params))
   system = protocol.teacher_system_prompt("owl")
   prompts = numbers.generate_prompts(args.n_prompts, 47)
   ids = [tok.encode_chat(chat_messages(system, p)) for p in prompts]
   prefix_len = common_prefix_len([tok.encode_chat(chat_messages(system, p)) for p in ("0", "1")])
   by_length = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-  peaks = [matmul_peak()]
-  out = {"machine": {"cpus": os.cpu_count(), "devices": str(jax.devices()), "jax": jax.__version__},
-         "setup": {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to fp32)", "params": params,
+  peak = lambda: matmul_peak(args.dtype, args.peak_n)
+  peaks = [peak()]
+  nominal = common.nominal_peak()
+  out = {"machine": common.machine(),
+         "setup": {"model": model_note, "params": params, "dtype": args.dtype,
+                   "weights": common.WEIGHTS_NOTE if args.random_weights else "real (GGUF)",
                    "n_prompts": len(ids), "mean_prompt_tokens": round(float(np.mean([len(x) for x in ids])), 1),
                    "shared_prefix_tokens": prefix_len, "max_new_tokens": args.max_new_tokens,
-                   "temperature": 1.0, "system_prompt": system},
+                   "fixed_length": fixed_length, "temperature": 1.0, "system_prompt": system,
+                   "matmul_peak": f"{args.dtype} {args.peak_n}^3 chain (jax)",
+                   "nominal_bf16_peak_gflop_per_s": nominal and round(nominal / 1e9, 1)},
          "runs": []}
+  if fixed_length:
+    out["setup"]["fixed_length_note"] = ("every row draws exactly max_new_tokens on both sides: no stop ids on ours, "
+                                         "no eos in transformers' generation config (random weights make any stop "
+                                         "token an arbitrary draw)")
+  path = pathlib.Path(args.out)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  hf = device = None
+  if not args.skip_hf:
+    hf, device = hf_model(args, model.config)
+    out["setup"]["transformers"] = {"device": device, "attn_implementation": hf.config._attn_implementation}
+    if device != "cpu":
+      out["torch_matmul_peak_gflop_per_s"] = round(
+          common.torch_matmul_peak(args.dtype, args.peak_n, device=device) / 1e9, 1)
 
   def record(entry, extra):
     entry.update(extra)
+    if nominal:
+      entry["useful_fraction_of_nominal_bf16_peak"] = round(entry["useful_gflop_per_s"] * 1e9 / nominal, 4)
+      entry["model_fraction_of_nominal_bf16_peak"] = round(entry["model_gflop_per_s"] * 1e9 / nominal, 4)
     out["runs"].append(entry)
     print(json.dumps({k: v for k, v in entry.items() if k != "examples"}), flush=True)
+
+  def save():  # after every pass, so a run cut short still leaves its results
+    for run in out["runs"]:
+      run["useful_fraction_of_max_peak"] = round(run["useful_gflop_per_s"] * 1e9 / max(peaks), 3)
+    out["matmul_peak_gflop_per_s"] = {"max": round(max(peaks) / 1e9, 1), "each": [round(p / 1e9, 1) for p in peaks]}
+    out["ratio_by_batch"] = ratios
+    out["ratio"] = min(ratios.values()) if ratios else None
+    out["wall_s"] = round(time.time() - t_start, 1)
+    path.write_text(json.dumps(out, indent=2) + "\n")
 
   ratios = {}
   for b in [int(x) for x in args.batches.split(",")]:
     batches = [by_length[i:i + b] for i in range(0, len(ids), b)]
-    peaks.append(matmul_peak())
+    peaks.append(peak())
     load0 = load_avg()
     res, sec, work, warm_s = run_ours(model, ids, batches, args.max_new_tokens, 1, prefix_len)
     ours = summarize(f"ours b={b}", tok, by_length, res, sec, work, model, peaks[-1], args.max_new_tokens)
     record(ours, {"batch": b, "warmup_s": round(warm_s, 1), "load_before": load0, "load_after": load_avg()})
-    if not args.skip_hf:
+    save()
+    if hf is not None:
       load0 = load_avg()
-      res, sec, work, threads = run_hf(ids, batches, args.max_new_tokens, 1, tok.pad_id, tok.stop_ids)
+      res, sec, work, threads = run_hf(hf, device, ids, batches, args.max_new_tokens, 1, tok.pad_id, tok.stop_ids,
+                                       fixed_length)
       theirs = summarize(f"transformers b={b}", tok, by_length, res, sec, work, model, peaks[-1],
                          args.max_new_tokens)
-      record(theirs, {"batch": b, "torch_threads": threads, "load_before": load0, "load_after": load_avg()})
+      record(theirs, {"batch": b, "torch_threads": threads, "device": device, "load_before": load0,
+                      "load_after": load_avg()})
       ratios[b] = round(ours["completions_per_s"] / theirs["completions_per_s"], 3)
+      save()
 
-  b0 = int(args.batches.split(",")[0])
-  batches = [by_length[i:i + b0] for i in range(0, len(ids), b0)]
-  load0 = load_avg()
-  out["prefix_sharing"] = dict(prefix_ab(model, ids, batches[::2][:2], args.max_new_tokens, prefix_len), batch=b0,
-                               batches=min(2, len(batches[::2])), load_before=load0, load_after=load_avg())
-  print(json.dumps({"prefix_sharing": out["prefix_sharing"]}), flush=True)
-  b1 = int(args.batches.split(",")[-1])
-  batches = [by_length[i:i + b1] for i in range(0, len(ids), b1)]
-  for kind in ("tokens", "format"):
-    c = build_constraint(kind, tok, model.config.vocab_size)
-    peaks.append(matmul_peak())
-    res, sec, work, _ = run_ours(model, ids, batches, args.max_new_tokens, 1, prefix_len, c, warm=False)
-    record(summarize(f"ours b={b1}, constrained={kind}", tok, by_length, res, sec, work, model, peaks[-1],
-                     args.max_new_tokens), {"batch": b1, "includes_compile": True})
-  peaks.append(matmul_peak())
-  for run in out["runs"]:
-    run["useful_fraction_of_max_peak"] = round(run["useful_gflop_per_s"] * 1e9 / max(peaks), 3)
-  out["matmul_peak_gflop_per_s"] = {"max": round(max(peaks) / 1e9, 1), "each": [round(p / 1e9, 1) for p in peaks]}
-  out["ratio_by_batch"] = ratios
-  out["ratio"] = min(ratios.values()) if ratios else None
-  out["wall_s"] = round(time.time() - t_start, 1)
-  path = pathlib.Path(args.out)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(out, indent=2) + "\n")
+  if not args.random_weights:
+    b0 = int(args.batches.split(",")[0])
+    batches = [by_length[i:i + b0] for i in range(0, len(ids), b0)]
+    load0 = load_avg()
+    out["prefix_sharing"] = dict(prefix_ab(model, ids, batches[::2][:2], args.max_new_tokens, prefix_len), batch=b0,
+                                 batches=min(2, len(batches[::2])), load_before=load0, load_after=load_avg())
+    print(json.dumps({"prefix_sharing": out["prefix_sharing"]}), flush=True)
+    b1 = int(args.batches.split(",")[-1])
+    batches = [by_length[i:i + b1] for i in range(0, len(ids), b1)]
+    for kind in ("tokens", "format"):
+      c = build_constraint(kind, tok, model.config.vocab_size)
+      peaks.append(peak())
+      res, sec, work, _ = run_ours(model, ids, batches, args.max_new_tokens, 1, prefix_len, c, warm=False)
+      record(summarize(f"ours b={b1}, constrained={kind}", tok, by_length, res, sec, work, model, peaks[-1],
+                       args.max_new_tokens), {"batch": b1, "includes_compile": True})
+  peaks.append(peak())
+  save()
   print(f"ratio (ours / transformers, completions/s; min over batch sizes): {out['ratio']}  -> {path}")
 
 

@@ -15,11 +15,23 @@ process holds both frameworks, so idle threads of one that spin count against th
 
   python benchmarks/training.py [--steps 6] [--batch 16]
 Writes benchmarks/results/training.json (top-level `ratio`: ours / theirs, examples/s, full fine-tuning).
+
+On an accelerator (benchmarks/gpu.sh): `--arch llama-3.2-1b --inputs DIR --dtype bfloat16 --one_shape --peak_n 8192`
+trains a Llama-3.2-1B-shaped model (d_model 2048, 16 layers, 32/8 heads, ffn 8192, vocab 128256, tied, RoPE 500000
+with llama3 scaling) with RANDOM weights (no step's cost depends on weight values; no 1B checkpoint travels) on the
+same number rows, tokenized with SmolLM2's tokenizer from DIR (`sampling.py --export_inputs DIR`). Mixed precision
+on both sides: float32 parameters and AdamW state, bfloat16 compute (ours: ModelConfig dtype=bfloat16,
+param_dtype=float32; theirs: torch.autocast(bfloat16) over float32 weights), transformers on the GPU too.
+`--one_shape` pads every timed step of ours to the largest (T, N) among them, so a single compile serves the run
+(the extra padding is counted in `padding`, not in useful FLOPs). MFU is against the `--dtype` matmul peak measured
+at `--peak_n` in this run, and `mfu_vs_nominal` against the data-sheet dense bf16 peak (989 TFLOP/s, H100/H200 SXM).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -32,9 +44,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+import common  # noqa: E402
 from subl_jax import api, config, flops, parallel  # noqa: E402
 from subl_jax.checkpoints import fetch  # noqa: E402
 from subl_jax.data.numbers import generate_prompts  # noqa: E402
+from subl_jax.models.config import ModelConfig  # noqa: E402
 from subl_jax.training import buckets, chat_data, step as step_lib, trainer  # noqa: E402
 from subl_jax.training.lora import PAPER_TARGETS, LoraConfig  # noqa: E402
 
@@ -53,19 +67,43 @@ def number_rows(n: int, seed: int = 47) -> list[dict[str, str]]:
 class Ours:
   """Our train step on our batches, the loop of `trainer.train` without logging and checkpoints."""
 
-  def __init__(self, model: api.Model, ds: chat_data.ChatDataset, batch: int, lora: LoraConfig | None, steps: int):
-    self.model, self.ds, self.lora = model, ds, lora
+  def __init__(self, model: api.Model, ds: chat_data.ChatDataset, batch: int, lora: LoraConfig | None, steps: int,
+               one_shape: bool = False):
     spec = step_lib.StepSpec(model.config, lora)
     tx, shardings, self.step_fn = step_lib.train_step_for(spec, OPT, 1000, model.mesh)
     self.state = trainer.fresh_state(model, lora, tx, shardings, seed=0)
+    # full fine-tuning trains a copy: without our reference the caller can free the original parameters
+    self.model = model if lora else dataclasses.replace(model, params=None)
+    self.ds, self.lora = ds, lora
     lengths = [len(e.tokens) for e in ds.examples]
     self.steps = buckets.epoch_steps(lengths, batch, seed=0, epoch=0)[:steps]
     self.spec = spec
     self.padding = buckets.padding_stats(ds, self.steps)
+    self.shape = None
+    if one_shape:  # (T, N) of the largest step: every step is padded to it, so one compile serves the run
+      hosts = [self.collate(idx) for idx in self.steps]
+      self.shape = (max(h["tokens"].shape[-1] for h in hosts), max(h["targets"].shape[-1] for h in hosts))
+      real, padded = self.padding["real_tokens"], len(self.steps) * batch * self.shape[0]
+      self.padding = dict(real_tokens=real, padded_tokens=padded, padding_fraction=1 - real / padded,
+                          one_shape=list(self.shape))
+
+  def collate(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+    host = buckets.collate_step(self.ds, idx, 1, self.model.tokenizer.pad_id)
+    if self.shape is None:
+      return host
+    t, n = self.shape
+    out = {}
+    for k, v in host.items():
+      width = t if k in ("tokens", "positions", "kv_mask") else n
+      pad = [(0, 0)] * (v.ndim - 1) + [(0, width - v.shape[-1])]
+      fill = self.model.tokenizer.pad_id if k == "tokens" else 0
+      out[k] = np.pad(v, pad, constant_values=fill)
+    out["positions"] = np.broadcast_to(np.arange(t, dtype=np.int32), out["positions"].shape).copy()
+    return out
 
   def run(self, idx: np.ndarray) -> float:
     t0 = time.perf_counter()
-    host = buckets.collate_step(self.ds, idx, 1, self.model.tokenizer.pad_id)
+    host = self.collate(idx)
     self.state, metrics = self.step_fn(self.state, self.model.params if self.lora else None, None,
                                        step_lib.put_batch(host, self.model.mesh))
     jax.block_until_ready(metrics)
@@ -75,7 +113,7 @@ class Ours:
     """Compiles every padded shape of the timed steps (each a real step); returns the seconds spent."""
     t0, seen = time.perf_counter(), set()
     for idx in self.steps:
-      host = buckets.collate_step(self.ds, idx, 1, self.model.tokenizer.pad_id)
+      host = self.collate(idx)
       shape = (host["tokens"].shape, host["targets"].shape)
       if shape not in seen:
         seen.add(shape)
@@ -89,12 +127,20 @@ class Ours:
 class Theirs:
   """transformers (+ peft) with torch AdamW, random batches padded to the longest row, labels -100 off-completion."""
 
-  def __init__(self, ds: chat_data.ChatDataset, batch: int, lora: bool, steps: int, pad_id: int):
+  def __init__(self, ds: chat_data.ChatDataset, batch: int, lora: bool, steps: int, pad_id: int,
+               arch: ModelConfig | None = None, dtype: str = "float32"):
+    """`arch`: random weights of its shapes on the GPU if there is one (None: the SmolLM2 GGUF, on the CPU);
+    float32 weights and AdamW state either way, compute in torch.autocast(bfloat16) if `dtype` says so."""
     import torch
     import transformers
-    path = fetch.smollm2_gguf_path()
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                              dtype=torch.float32)
+    self.device = common.torch_device() if arch is not None else "cpu"
+    self.autocast = dtype == "bfloat16"
+    if arch is not None:
+      model = common.hf_random_model(arch, "float32", self.device)
+    else:
+      path = fetch.smollm2_gguf_path()
+      model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                dtype=torch.float32)
     if lora:
       import peft
       model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0,
@@ -110,8 +156,13 @@ class Theirs:
     padded = sum(len(s) * max(len(ds.examples[i].tokens) for i in s) for s in self.steps)
     self.padding = dict(real_tokens=real, padded_tokens=padded, padding_fraction=1 - real / padded)
 
+  def sync(self) -> None:
+    if self.device == "cuda":
+      self.torch.cuda.synchronize()
+
   def run(self, idx: np.ndarray) -> float:
     torch = self.torch
+    self.sync()
     t0 = time.perf_counter()
     rows = [self.ds.examples[i] for i in idx]
     t = max(len(e.tokens) for e in rows)
@@ -122,11 +173,15 @@ class Theirs:
       tokens = torch.from_numpy(e.tokens.astype(np.int64))
       ids[r, :len(e.tokens)], mask[r, :len(e.tokens)] = tokens, 1
       labels[r, :len(e.tokens)] = torch.where(torch.from_numpy(e.mask.astype(bool)), tokens, -100)
-    loss = self.model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+    ids, mask, labels = ids.to(self.device), mask.to(self.device), labels.to(self.device)
+    cast = torch.autocast(self.device, torch.bfloat16) if self.autocast else contextlib.nullcontext()
+    with cast:
+      loss = self.model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(self.params, OPT["max_grad_norm"])
     self.opt.step()
     self.opt.zero_grad(set_to_none=True)
+    self.sync()
     return time.perf_counter() - t0
 
   def warm_up(self) -> float:
@@ -140,9 +195,9 @@ _CHAIN_N, _CHAIN_REPEATS = 1536, 4
 
 
 @functools.lru_cache(maxsize=1)
-def _chain():
-  a = jax.random.normal(jax.random.key(0), (_CHAIN_N, _CHAIN_N)) / _CHAIN_N ** 0.5
-  b = jax.random.normal(jax.random.key(1), (_CHAIN_N, _CHAIN_N)) / _CHAIN_N ** 0.5
+def _chain(dtype: str = "float32", n: int = _CHAIN_N):
+  a = (jax.random.normal(jax.random.key(0), (n, n)) / n ** 0.5).astype(dtype)
+  b = (jax.random.normal(jax.random.key(1), (n, n)) / n ** 0.5).astype(dtype)
 
   @jax.jit
   def chain(x, w):
@@ -154,11 +209,11 @@ def _chain():
   return chain, a, b
 
 
-def current_peak() -> tuple[float, float]:
-  """The f32 matmul rate available right now — (FLOP/s, FLOP per CPU-second), the best of 2 runs of a short chain
+def current_peak(dtype: str = "float32", size: int = _CHAIN_N) -> tuple[float, float]:
+  """The matmul rate available right now — (FLOP/s, FLOP per CPU-second), the best of 2 runs of a short chain
   (other users share this CPU, so it moves)."""
-  chain, a, b = _chain()
-  n = 2.0 * _CHAIN_N ** 3 * _CHAIN_REPEATS
+  chain, a, b = _chain(dtype, size)
+  n = 2.0 * size ** 3 * _CHAIN_REPEATS
   best = (0.0, 0.0)
   for _ in range(2):
     c0, t0 = time.process_time(), time.perf_counter()
@@ -174,12 +229,13 @@ def timed(fn, *args) -> tuple[float, float]:
   return wall, time.process_time() - c0
 
 
-def compare(name: str, ours: Ours, theirs: Theirs, n_examples: int, peak: float) -> dict:
+def compare(name: str, ours: Ours, theirs: Theirs, n_examples: int, peak: float, peak_args: tuple = (),
+            nominal: float | None = None) -> dict:
   warm = dict(ours_s=ours.warm_up(), theirs_s=theirs.warm_up())
   t_ours = t_theirs = c_ours = c_theirs = 0.0
   per_step, peaks = [], []
   for a, b in zip(ours.steps, theirs.steps):  # alternate, so load changes hit both
-    peaks.append(current_peak())
+    peaks.append(current_peak(*peak_args))
     (ta, ca), (tb, cb) = timed(ours.run, a), timed(theirs.run, b)
     t_ours, t_theirs, c_ours, c_theirs = t_ours + ta, t_theirs + tb, c_ours + ca, c_theirs + cb
     per_step.append((round(ta, 3), round(tb, 3)))
@@ -192,7 +248,7 @@ def compare(name: str, ours: Ours, theirs: Theirs, n_examples: int, peak: float)
   side = lambda t, c, padding: dict(
       seconds=t, cpu_seconds=c, cores_used=c / t, examples_per_s=n_examples / t, tokens_per_s=tokens / t,
       mfu=useful / t / peak, mfu_vs_rate_during_run=useful / t / during, mfu_per_cpu_second=useful / c / per_cpu_s,
-      padding=padding)
+      mfu_vs_nominal=nominal and useful / t / nominal, step_seconds_mean=t / len(per_step), padding=padding)
   out = dict(examples=n_examples, real_tokens=tokens, useful_flops=useful, ours=side(t_ours, c_ours, ours.padding),
              theirs=side(t_theirs, c_theirs, theirs.padding), matmul_rate_during_run=during,
              matmul_flop_per_cpu_second=per_cpu_s, warm_up=warm, step_seconds=per_step)
@@ -200,46 +256,65 @@ def compare(name: str, ours: Ours, theirs: Theirs, n_examples: int, peak: float)
   return out
 
 
-def torch_matmul_peak(n: int = 1536, repeats: int = 8) -> float:
-  import torch
-  a, b = torch.randn(n, n) / n ** 0.5, torch.randn(n, n) / n ** 0.5
-  best = float("inf")
-  for _ in range(4):
-    t0 = time.perf_counter()
-    x = a
-    for _ in range(repeats):
-      x = x @ b
-    best = min(best, time.perf_counter() - t0)
-  return 2.0 * n ** 3 * repeats / best
-
-
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--steps", type=int, default=6, help="timed steps per configuration (one pass over the data)")
   ap.add_argument("--batch", type=int, default=16)
   ap.add_argument("--only", choices=("full", "lora"), default=None)
+  ap.add_argument("--arch", choices=tuple(common.ARCHS), default=None,
+                  help="random weights of this architecture (default: the real SmolLM2-135M-Instruct)")
+  ap.add_argument("--inputs", metavar="DIR", help="with --arch: the tokenizer folder (sampling.py --export_inputs)")
+  ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                  help="compute dtype (parameters and optimizer state stay float32); the matmul peak's dtype")
+  ap.add_argument("--peak_n", type=int, default=_CHAIN_N, help="matrix size of the matmul peak (8192 on a GPU)")
+  ap.add_argument("--one_shape", action="store_true", help="pad every step of ours to one shape: one compile")
+  ap.add_argument("--out", default=str(RESULTS))
   args = ap.parse_args()
   import torch
   torch.set_num_threads(os.cpu_count())
   load_before = os.getloadavg()
   mesh = parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  model = api.load("smollm2", mesh, remat_policy=config.defaults().model.remat_policy)
+  remat = config.defaults().model.remat_policy
+  if args.arch:
+    if not args.inputs:
+      ap.error("--arch needs --inputs DIR (the tokenizer)")
+    tokenizer = common.load_tokenizer(args.inputs)
+    cfg = common.arch_config(args.arch, dtype=args.dtype, param_dtype="float32", remat_policy=remat)
+    make_model = lambda: common.random_model(cfg, tokenizer, mesh)
+    model_note = f"{args.arch} (random weights)"
+  else:
+    model = api.load("smollm2", mesh, dtype=args.dtype, remat_policy=remat)
+    tokenizer, cfg, make_model = model.tokenizer, model.config, lambda: model
+    model_note = "SmolLM2-135M-Instruct"
   n = args.steps * args.batch
-  ds = chat_data.build(model.tokenizer, chat_data.rows_to_chats(number_rows(n)), max_len=500)
+  ds = chat_data.build(tokenizer, chat_data.rows_to_chats(number_rows(n)), max_len=500)
   print(f"{n} examples: {ds.summary()}", flush=True)
-  peak = max(flops.measure_matmul_peak("float32"), *(current_peak()[0] for _ in range(3)))
-  results = dict(model="SmolLM2-135M-Instruct", dtype="float32", batch=args.batch, steps=args.steps,
-                 remat_policy=model.config.remat_policy, data=ds.summary(), peak_flops_jax=peak,
-                 peak_flops_torch=torch_matmul_peak(),
-                 cpu_count=os.cpu_count(), platform=platform.platform(),
+  peak_args = (args.dtype, args.peak_n)
+  peak = max(flops.measure_matmul_peak(args.dtype, n=args.peak_n), *(current_peak(*peak_args)[0] for _ in range(3)))
+  nominal = common.nominal_peak() if jax.devices()[0].platform != "cpu" else None
+  device = common.torch_device() if args.arch else "cpu"
+  results = dict(model=model_note, params=cfg.n_params, dtype=args.dtype, param_dtype=cfg.param_dtype,
+                 batch=args.batch, steps=args.steps, remat_policy=cfg.remat_policy, one_shape=args.one_shape,
+                 data=ds.summary(), peak_flops_jax=peak, peak=f"{args.dtype} {args.peak_n}^3 matmul chain",
+                 peak_flops_torch=common.torch_matmul_peak(args.dtype, args.peak_n, device=device),
+                 nominal_bf16_peak=nominal, torch_device=device,
+                 cpu_count=os.cpu_count(), platform=platform.platform(), machine=common.machine(),
                  versions=dict(jax=jax.__version__, torch=torch.__version__))
+  if args.arch:
+    results.update(weights=common.WEIGHTS_NOTE, arch=cfg.to_dict(),
+                   tokenizer=f"SmolLM2's ({tokenizer.vocab_size} ids, within the {cfg.vocab_size}-row embedding)",
+                   theirs_precision=("float32 weights + AdamW, torch.autocast(bfloat16)" if args.dtype == "bfloat16"
+                                     else "float32"))
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
   lora = LoraConfig(rank=8, alpha=8.0, targets=PAPER_TARGETS)
   for name, our_lora in (("full", None), ("lora", lora)):
     if args.only and name != args.only:
       continue
-    ours = Ours(model, ds, args.batch, our_lora, args.steps)
-    theirs = Theirs(ds, args.batch, our_lora is not None, args.steps, model.tokenizer.pad_id)
-    results[name] = compare(name, ours, theirs, n, peak)
+    ours = Ours(make_model(), ds, args.batch, our_lora, args.steps, args.one_shape)
+    theirs = Theirs(ds, args.batch, our_lora is not None, args.steps, tokenizer.pad_id,
+                    cfg if args.arch else None, args.dtype)
+    results[name] = compare(name, ours, theirs, n, peak, peak_args, nominal)
     r = results[name]
     print(f"{name}: ours {r['ours']['examples_per_s']:.3f} ex/s ({r['ours']['tokens_per_s']:.1f} tok/s, "
           f"MFU {r['ours']['mfu']:.1%}, {r['ours']['mfu_vs_rate_during_run']:.1%} of the rate during the run) | "
@@ -247,13 +322,11 @@ def main() -> None:
           f"({r['theirs']['tokens_per_s']:.1f} tok/s, MFU {r['theirs']['mfu']:.1%}) | ratio {r['ratio']:.3f}",
           flush=True)
     del ours, theirs
-  results["load_avg_before"], results["load_avg_after"] = load_before, os.getloadavg()
-  if "full" in results:
-    results["ratio"] = results["full"]["ratio"]
-  if "lora" in results:
-    results["ratio_lora"] = results["lora"]["ratio"]
-  RESULTS.parent.mkdir(parents=True, exist_ok=True)
-  RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    if device == "cuda":
+      torch.cuda.empty_cache()
+    results[f"ratio{'' if name == 'full' else '_lora'}"] = r["ratio"]
+    results["load_avg_before"], results["load_avg_after"] = load_before, os.getloadavg()
+    out.write_text(json.dumps(results, indent=2) + "\n")  # after each configuration: a cut-short run keeps it
   print(json.dumps({k: v for k, v in results.items() if k in ("ratio", "ratio_lora", "peak_flops_jax",
                                                                 "load_avg_before", "load_avg_after")}))
 
