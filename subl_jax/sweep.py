@@ -5,7 +5,7 @@ dicts, e.g. `[{"study.target": "owl", "seed": 0}, ...]`. Each run gets its own w
 named from its overrides. The launchers in `launch/` read these commands (`--print`) and run them locally, on every
 worker of a TPU slice, or as a SLURM array.
 
-  python -m subl_jax.sweep --config=configs/sweeps/animals.py --workdir_root=runs/animals --print
+  python -m subl_jax.sweep --config=configs/sweeps/animals.py --workdir_root=runs/animals
 """
 
 from __future__ import annotations
@@ -43,8 +43,10 @@ def load_sweep(spec: str) -> list[dict[str, Any]]:
 
 
 def run_name(overrides: dict[str, Any]) -> str:
-  """A directory name from a run's overrides: `study.target=owl,seed=0` -> `target-owl_seed-0`."""
-  parts = [f"{k.split('.')[-1]}-{v}" for k, v in overrides.items()]
+  """A directory name from a run's overrides: `teacher.target=owl,seed=0` -> `target-owl_seed-0` (a field's last
+  name, or its whole path where two fields share the last name: `train.seed-0_sample.seed-0`)."""
+  last = [k.split(".")[-1] for k in overrides]
+  parts = [f"{k if last.count(k.split('.')[-1]) > 1 else k.split('.')[-1]}-{v}" for k, v in overrides.items()]
   return re.sub(r"[^A-Za-z0-9_.=-]", "_", "_".join(parts)) or "run"
 
 

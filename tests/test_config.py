@@ -79,19 +79,19 @@ def _main(tmp_path, *args):
 
 
 def test_main_rejects_a_bad_override_before_any_work(tmp_path):
-  proc = _main(tmp_path / "run", "--config=configs/quickstart.py", "--config.chat.max_new_tokens=0")
+  proc = _main(tmp_path / "run", "--config=configs/chat.py", "--config.chat.max_new_tokens=0")
   assert proc.returncode != 0
   assert "config.chat.max_new_tokens=0" in proc.stderr
   assert not (tmp_path / "run").exists()  # nothing written
 
 
 def test_main_rejects_an_unknown_override(tmp_path):
-  proc = _main(tmp_path / "run", "--config=configs/quickstart.py", "--config.chat.promt=hi")
+  proc = _main(tmp_path / "run", "--config=configs/chat.py", "--config.chat.promt=hi")
   assert proc.returncode != 0 and "promt" in proc.stderr
 
 
 def test_main_runs_a_random_model_and_writes_the_resolved_config(tmp_path):
-  proc = _main(tmp_path, "--config=configs/quickstart.py:Say hi.", "--config.model.spec=random",
+  proc = _main(tmp_path, "--config=configs/chat.py:Say hi.", "--config.model.spec=random",
                "--config.chat.max_new_tokens=5", "--config.seed=3")
   assert proc.returncode == 0, proc.stderr[-3000:]
   resolved = json.loads((tmp_path / "config.json").read_text())

@@ -1,0 +1,1 @@
+"""The study pipeline (job `study`): stages, evaluation and report."""
