@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from subl_jax import config, parallel, stages, sweep
@@ -53,7 +54,7 @@ STAGE_DIRS = ["teacher", "control_teacher", "sample_teacher", "filter_teacher", 
 
 
 def test_study_end_to_end_caching_changes_and_resume(tmp_path, ran, monkeypatch):
-  cfg, mesh = tiny_study(), parallel.make_mesh(1, 1, 1)
+  cfg, mesh = tiny_study(), parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
 
   # A kill in the middle of the control's sampling: its first shard is written, the second raises.
   real_shard, calls = sample_stage._sample_shard, []
