@@ -111,8 +111,10 @@ def test_sum_over_sum_one_batch_equals_accumulated_micro_batches(tiny_params):
 
 # --------------------------------------------------------------------------------------------- LoRA
 
-def test_lora_starts_at_the_base_and_unmerged_equals_merged(tiny_params):
-  lora = LoraConfig(rank=4, alpha=8.0)
+@pytest.mark.parametrize("targets", [("q", "k", "v", "o", "gate", "up", "down"), ("v", "up")])
+def test_lora_starts_at_the_base_and_unmerged_equals_merged(tiny_params, targets):
+  """Also with a subset of targets: the projections sharing an input compute x@[A|A|..] in one matmul."""
+  lora = LoraConfig(rank=4, alpha=8.0, targets=targets)
   adapters = jax.jit(init_adapters, static_argnums=(0, 1))(TINY, lora, jax.random.key(1))
   assert all(np.all(np.asarray(ab["b"]) == 0) and np.abs(np.asarray(ab["a"])).max() > 0
              for ab in adapters["layers"].values())
