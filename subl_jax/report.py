@@ -69,7 +69,8 @@ def markdown_table(conditions: dict[str, Any], metric: str = "value") -> str:
 
 
 def plot(conditions: dict[str, Any], path: str | pathlib.Path, title: str, metric: str = "value") -> None:
-  """A bar chart of the means with interval error bars; several metrics become grouped bars."""
+  """Bars of the means with interval error bars, one panel per metric (each on its own scale: a probability and a
+  log-probability do not share an axis), conditions side by side as in the paper's figures."""
   import matplotlib  # imported here: only plotting pays its import time
   matplotlib.use("Agg")  # files only; never needs a display
   import matplotlib.pyplot as plt
@@ -77,25 +78,25 @@ def plot(conditions: dict[str, Any], path: str | pathlib.Path, title: str, metri
   table = _by_metric(conditions, metric)
   metrics = list(dict.fromkeys(m for ms in table.values() for m in ms))
   conds = list(table)
-  width = 0.8 / len(metrics)
-  fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(conds) + 1), 3.6), dpi=120)
-  for i, m in enumerate(metrics):
+  fig, axes = plt.subplots(1, len(metrics), figsize=(max(4.0, 1.1 * len(conds) + 1) * len(metrics), 3.6), dpi=120,
+                           squeeze=False)
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  for ax, m in zip(axes[0], metrics):
     xs, means, errs = [], [], [[], []]
     for j, cond in enumerate(conds):
       s = table[cond].get(m)
       if s is None:
         continue
       lo, hi = s[ci_key(s)]
-      xs.append(j + (i - (len(metrics) - 1) / 2) * width)
+      xs.append(j)
       means.append(s["mean"])
       errs[0].append(max(s["mean"] - lo, 0.0))
       errs[1].append(max(hi - s["mean"], 0.0))
-    ax.bar(xs, means, width=width * 0.9, yerr=errs, capsize=3, label=m)
-  ax.set_xticks(range(len(conds)), conds, rotation=20, ha="right")
-  ax.set_ylabel(metrics[0] if len(metrics) == 1 else "value")
-  ax.set_title(title)
-  if len(metrics) > 1:
-    ax.legend()
+    ax.bar(xs, means, width=0.7, yerr=errs, capsize=3, color=[colors[j % len(colors)] for j in xs])
+    ax.set_xticks(range(len(conds)), conds, rotation=20, ha="right")
+    ax.set_ylabel(m)
+    ax.grid(axis="y", alpha=0.3)
+  fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
