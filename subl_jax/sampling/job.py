@@ -41,14 +41,14 @@ def model_id(cfg: Any) -> str:
 
 
 def sample_and_filter(cfg: Any, workdir: pathlib.Path, mesh: Any, load_model: Callable[[], Any], identity: str,
-                      system: str, inputs: dict[str, pathlib.Path], names: tuple[str, str] = ("sample", "filter"),
-                      stage_config: dict | None = None) -> tuple[pathlib.Path, pathlib.Path]:
+                      system: str, inputs: dict[str, pathlib.Path], names: tuple[str, str] = ("sample", "filter")
+                      ) -> tuple[pathlib.Path, pathlib.Path]:
   """The `sample` stage (completions of the paper's prompts by `load_model()` under `system`) and the `filter` stage
   after it; returns both directories. `identity` names the model in the draw seed; `inputs` are upstream stages
-  (e.g. the teacher) and `stage_config` what else the samples depend on."""
+  (e.g. the teacher) whose change must re-sample."""
   settings = settings_from(cfg, identity, system)
-  sample_config = dict(stage_config or {}, sample=cfg.sample.to_dict(), system=system, identity=identity,
-                       model=cfg.model.to_dict(), seed=cfg.seed)
+  sample_config = dict(sample=cfg.sample.to_dict(), system=system, identity=identity, model=cfg.model.to_dict(),
+                       seed=cfg.seed)
 
   def sample(out_dir: pathlib.Path) -> dict:
     model = load_model()

@@ -65,7 +65,8 @@ def write(cfg: mlc.ConfigDict, workdir: pathlib.Path, dirs: dict[str, Any]) -> d
   extra["other_answers"] = {c: {cond: stats.mean_ci(_per_question(rs, f"p_{c}").mean(axis=0))
                                 for cond, rs in runs.items()} for c in others}
   extra["filter"] = {c: stages.read_manifest(d)["summary"] for c, d in filtered.items()}
-  extra["training"] = {d.name: _training(d) for ds in students.values() for d in ds}
+  trained = [d for d in dirs["teacher"].values() if "train" in export.read_info(d)]  # a fine-tuned teacher
+  extra["training"] = {d.name: _training(d) for d in trained + [d for ds in students.values() for d in ds]}
   extra["wall_s"] = {d.name: stages.read_manifest(d)["wall_s"] for d in _flat(dirs)}
   notes = _notes(extra, metrics)
   md = report.write_report(workdir, conditions, f"Subliminal transfer of '{target}' ({cfg.distill.mode} student)",
