@@ -134,6 +134,35 @@ def test_lora_starts_at_the_base_and_unmerged_equals_merged(tiny_params, targets
   np.testing.assert_allclose(unmerged, np.asarray(apply(merged)), atol=2e-5)
 
 
+def test_remat_does_not_save_lora_outputs(capsys):
+  """Under the 'dots' policy a LoRA step saves what a plain forward saves plus only x@A ([layers, tokens, r] per
+  target): the (x@A)@B outputs, as large as their projections', are recomputed (they took 18 GiB on a 1B model)."""
+  from jax.ad_checkpoint import print_saved_residuals
+  cfg = ModelConfig(vocab_size=97, d_model=128, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=64, mlp_dim=192,
+                    dtype="bfloat16", remat_policy="dots")
+  params = tfm.init_params(cfg, jax.random.key(0), None)
+  tokens = jnp.zeros((3, 40), jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(40), (3, 40))
+  lora = LoraConfig(rank=8, alpha=8.0)
+
+  def saved(adapters):  # differentiated with respect to the adapters, or (full fine-tuning) the parameters
+    fn = lambda p, a: tfm.Transformer(cfg).apply({"params": p}, tokens, positions, jnp.ones_like(tokens),
+                                                 logit_idx_bn=jnp.zeros((3, 1), jnp.int32),
+                                                 adapters=scaled(a, lora) if a else None)[0].sum()
+    if adapters is None:
+      print_saved_residuals(lambda p: fn(p, None), params)
+    else:
+      print_saved_residuals(lambda a: fn(params, a), adapters)
+    return sorted(line.split()[0] for line in capsys.readouterr().out.splitlines() if "output of scan" in line)
+
+  plain, with_lora = saved(None), saved(init_adapters(cfg, lora, jax.random.key(1)))
+  assert "bf16[2,120,192]" in plain  # the MLP projections' outputs are saved...
+  extra = list(with_lora)
+  for s in plain:
+    extra.remove(s)
+  assert extra == ["bf16[2,120,8]"] * 7, extra  # ...and LoRA adds only x@A of its 7 targets
+
+
 # --------------------------------------------------------------------------------------------- distillation
 
 def test_kd_with_the_student_as_teacher_gives_zero_loss_and_gradient(tiny_params):
