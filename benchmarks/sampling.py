@@ -32,13 +32,9 @@ from subl_jax.data import numbers, protocol
 from subl_jax.sampling import common_prefix_len, generate
 from subl_jax.sampling.stage import build_constraint, chat_messages
 
+
 def load_avg() -> float:
   return round(os.getloadavg()[0], 2)
-
-
-def matmul_peak(dtype: str = "float32", n: int = 1536) -> float:
-  """A fresh measurement (the library caches its first one): best FLOP/s of an n² matmul chain in `dtype`."""
-  return common.jax_matmul_peak(dtype, n)
 
 
 class Work:
@@ -226,7 +222,7 @@ def main() -> None:
   ids = [tok.encode_chat(chat_messages(system, p)) for p in prompts]
   prefix_len = common_prefix_len([tok.encode_chat(chat_messages(system, p)) for p in ("0", "1")])
   by_length = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-  peak = lambda: matmul_peak(args.dtype, args.peak_n)
+  peak = lambda: common.jax_matmul_peak(args.dtype, args.peak_n)
   peaks = [peak()]
   nominal = common.nominal_peak()
   out = {"machine": common.machine(),

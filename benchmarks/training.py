@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import json
 import os
 import pathlib
@@ -194,30 +193,14 @@ class Theirs:
 _CHAIN_N, _CHAIN_REPEATS = 1536, 4
 
 
-@functools.lru_cache(maxsize=1)
-def _chain(dtype: str = "float32", n: int = _CHAIN_N):
-  a = (jax.random.normal(jax.random.key(0), (n, n)) / n ** 0.5).astype(dtype)
-  b = (jax.random.normal(jax.random.key(1), (n, n)) / n ** 0.5).astype(dtype)
-
-  @jax.jit
-  def chain(x, w):
-    for _ in range(_CHAIN_REPEATS):
-      x = x @ w
-    return x
-
-  chain(a, b).block_until_ready()
-  return chain, a, b
-
-
 def current_peak(dtype: str = "float32", size: int = _CHAIN_N) -> tuple[float, float]:
   """The matmul rate available right now — (FLOP/s, FLOP per CPU-second), the best of 2 runs of a short chain
   (other users share this CPU, so it moves)."""
-  chain, a, b = _chain(dtype, size)
-  n = 2.0 * size ** 3 * _CHAIN_REPEATS
+  run, n = flops.matmul_chain(dtype, size, _CHAIN_REPEATS)
   best = (0.0, 0.0)
   for _ in range(2):
     c0, t0 = time.process_time(), time.perf_counter()
-    chain(a, b).block_until_ready()
+    run().block_until_ready()
     best = max(best, (n / (time.perf_counter() - t0), n / (time.process_time() - c0)))
   return best
 

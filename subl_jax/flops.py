@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -76,12 +77,12 @@ def causal_pairs(lengths: np.ndarray) -> int:
   return int(np.sum(lengths * (lengths + 1) // 2))
 
 
-@functools.lru_cache(maxsize=None)
-def measure_matmul_peak(dtype: str | jnp.dtype = "float32", n: int = 1536, repeats: int = 8,
-                        device: jax.Device | None = None) -> float:
-  """The best FLOP/s of a jitted n×n @ n×n matmul chain on one device (default: the first) — the peak MFU is
-  measured against. A chain of `repeats` matmuls in one call hides the dispatch cost. Measured once per process and
-  setting (cached)."""
+@functools.lru_cache(maxsize=8)
+def matmul_chain(dtype: str | jnp.dtype = "float32", n: int = 1536, repeats: int = 8,
+                 device: jax.Device | None = None) -> tuple[Callable[[], jax.Array], float]:
+  """(run, FLOPs per run): a jitted chain of `repeats` n×n @ n×n matmuls on one device (default: the first), compiled
+  and warmed up; one call of `run()` starts it (block on its result to time it). A chain in one call hides the
+  dispatch cost."""
   device = device or jax.devices()[0]
   a = jax.device_put(jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype) / np.sqrt(n), device)
   b = jax.device_put(jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype) / np.sqrt(n), device)
@@ -93,9 +94,18 @@ def measure_matmul_peak(dtype: str | jnp.dtype = "float32", n: int = 1536, repea
     return x
 
   chain(a, b).block_until_ready()
+  return (lambda: chain(a, b)), 2.0 * n ** 3 * repeats
+
+
+@functools.lru_cache(maxsize=None)
+def measure_matmul_peak(dtype: str | jnp.dtype = "float32", n: int = 1536, repeats: int = 8,
+                        device: jax.Device | None = None) -> float:
+  """The best FLOP/s of `matmul_chain` over 3 runs — the peak MFU is measured against. Measured once per process and
+  setting (cached)."""
+  run, work = matmul_chain(dtype, n, repeats, device)
   best = float("inf")
   for _ in range(3):
     t0 = time.perf_counter()
-    chain(a, b).block_until_ready()
+    run().block_until_ready()
     best = min(best, time.perf_counter() - t0)
-  return 2.0 * n ** 3 * repeats / best
+  return work / best

@@ -42,7 +42,7 @@ class Models:
 
   def of_stage(self, stage_dir: pathlib.Path) -> Callable[[], api.Model]:
     """A loader of a teacher or student stage's model (the base model for a system-prompt or control teacher)."""
-    return lambda: teacher_stage.load(stage_dir, self.cfg, self.mesh, base=self.base())[0]
+    return lambda: teacher_stage.load(stage_dir, self.cfg, self.mesh, load_base=self.base)[0]
 
 
 def seed_config(cfg: mlc.ConfigDict, seed: int) -> mlc.ConfigDict:
@@ -63,6 +63,7 @@ def run_study(cfg: mlc.ConfigDict, workdir: str | pathlib.Path, mesh: Mesh, stop
   teachers = {"teacher": teacher_stage.run(cfg, workdir, mesh, load_base=models.base),
               "control": teacher_stage.run_control(cfg, workdir)}
   done["teacher"] = teachers
+  systems = {cond: export.read_info(tdir)["system"] for cond, tdir in teachers.items()}  # what each answers under
   if stop == "teacher":
     return done
 
@@ -72,7 +73,7 @@ def run_study(cfg: mlc.ConfigDict, workdir: str | pathlib.Path, mesh: Mesh, stop
   for cond, tdir in teachers.items():
     samples[cond], filtered[cond] = sample_job.sample_and_filter(
         cfg, workdir, sample_mesh, sample_models.of_stage(tdir), f"{sample_job.model_id(cfg)}:{cond}",
-        export.read_info(tdir)["system"], {"teacher": tdir}, names=(f"sample_{cond}", f"filter_{cond}"))
+        systems[cond], {"teacher": tdir}, names=(f"sample_{cond}", f"filter_{cond}"))
   done.update(sample=samples, filter=filtered)
   if stop in ("sample", "filter"):
     return done
@@ -92,8 +93,7 @@ def run_study(cfg: mlc.ConfigDict, workdir: str | pathlib.Path, mesh: Mesh, stop
   evals = {
       "base": [evaluate_stage.run(cfg, workdir, "eval_base", models.base, "", {}, base_config)],
       "teacher": [evaluate_stage.run(cfg, workdir, "eval_teacher", models.of_stage(teachers["teacher"]),
-                                     export.read_info(teachers["teacher"])["system"], {"model": teachers["teacher"]},
-                                     base_config)],
+                                     systems["teacher"], {"model": teachers["teacher"]}, base_config)],
   }
   for cond, dirs in students.items():  # students answer without the teacher's system prompt, like the base
     evals[cond] = [evaluate_stage.run(cfg, workdir, f"eval_{d.name}", models.of_stage(d), "", {"model": d},

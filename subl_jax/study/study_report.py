@@ -45,7 +45,7 @@ def write(cfg: mlc.ConfigDict, workdir: pathlib.Path, dirs: dict[str, Any]) -> d
   evals, filtered, students = dirs["evaluate"], dirs["filter"], dirs["student"]
   target = cfg.teacher.target
   metrics = _metric_names(cfg)
-  runs = {cond: [evaluate_stage.read(d) for d in dirs] for cond, dirs in evals.items()}
+  runs = {cond: [evaluate_stage.read(d) for d in ds] for cond, ds in evals.items()}
   conditions = {cond: {m: stats.mean_ci(_per_question(rs, m).mean(axis=0)) for m in metrics}
                 for cond, rs in runs.items()}
   diff_q = {m: stats.paired_diff_ci(_per_question(runs["student"], m).mean(axis=0),

@@ -66,7 +66,8 @@ def run(cfg: mlc.ConfigDict, workdir: str | pathlib.Path, mesh: Mesh, data: str 
 
   def fn(out: pathlib.Path) -> dict:
     model = load_base() if load_base else api.from_config(cfg.model, mesh, seed=cfg.seed)
-    teacher, teacher_system = (teacher_stage.load(teacher_dir, cfg, mesh, base=model) if kd else (None, None))
+    teacher, teacher_system = (teacher_stage.load(teacher_dir, cfg, mesh, load_base=lambda: model) if kd
+                               else (None, None))
     chats = chat_data.read_jsonl(data)
     ds = chat_data.build(model.tokenizer, chats, cfg.train.max_len, system=cfg.train.system,
                          teacher_system=(teacher_system or cfg.train.system) if kd else None)

@@ -84,14 +84,14 @@ def run_control(cfg: mlc.ConfigDict, workdir: str | pathlib.Path, name: str = "c
 
 
 def load(stage_dir: str | pathlib.Path, cfg: mlc.ConfigDict, mesh: Mesh,
-         base: api.Model | None = None) -> tuple[api.Model, str]:
+         load_base: Callable[[], api.Model] | None = None) -> tuple[api.Model, str]:
   """(the teacher model, the system prompt it answers under; '' = the chat template's default). A system-prompt
-  teacher is the base model: `base` if given, else loaded."""
+  or control teacher is the base model: `load_base()` if given (called only then), else loaded from the config."""
   info = export.read_info(stage_dir)
   if info["model"] == export.MODEL_DIR:
     m = cfg.model
     model = api.load(export.model_spec(stage_dir), mesh, dtype=m.dtype, param_dtype=m.param_dtype,
                      remat_policy=m.remat_policy)
   else:  # the base model itself (a 'random' base is rebuilt from the same seed)
-    model = base or api.from_config(cfg.model, mesh, seed=cfg.seed)
+    model = load_base() if load_base else api.from_config(cfg.model, mesh, seed=cfg.seed)
   return model, info["system"]
