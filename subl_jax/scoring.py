@@ -11,18 +11,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from subl_jax import parallel, sampling
+from subl_jax import parallel, sampling, xla_cpu
 from subl_jax.models import transformer
 
 
-@functools.partial(jax.jit, static_argnames=("module", "slots"))
+@xla_cpu.jit_many_rows(static_argnames=("module", "slots"))
 def _prefill(module, params, tokens, mask, slots):
   b, p = tokens.shape
   cache = transformer.KVCache.zeros(module.cfg, b, slots)
   kv_mask = jnp.zeros((b, slots), jnp.int32).at[:, :p].set(mask)
   positions = transformer.positions_from_mask(mask)
   logits, cache = module.apply({"params": params}, tokens, positions, kv_mask, cache, 0,
-                               logit_idx_bn=jnp.full((b, 1), p - 1))
+                               logit_idx_bn=jnp.full((b, 1), p - 1), attend_slots=p)
   return cache, jax.nn.log_softmax(logits[:, 0]), positions[:, -1]
 
 

@@ -182,9 +182,11 @@ def test_decode_one_token_at_a_time_equals_full_forward(tiny_llama, padded_full)
   diff = np.abs(got - full)[real].max()
   assert diff <= 1e-5, diff
   # every written slot holds keys, the slots beyond stay zero
-  k = np.asarray(cache.k)
-  assert k.shape == (cfg.n_layers, 3, SLOTS, cfg.n_kv_heads, cfg.head_dim)
-  assert np.abs(k[:, :, 12:]).max() == 0 and np.abs(k[:, :, :12]).max(axis=(0, 3, 4)).min() > 0
+  k, v = np.asarray(cache.k), np.asarray(cache.v)
+  assert k.shape == (cfg.n_layers, 3, cfg.n_kv_heads, cfg.head_dim, SLOTS)
+  assert v.shape == (cfg.n_layers, 3, cfg.n_kv_heads, SLOTS, cfg.head_dim)
+  assert np.abs(k[..., 12:]).max() == 0 and np.abs(k[..., :12]).max(axis=(0, 2, 3)).min() > 0
+  assert np.abs(v[:, :, :, 12:]).max() == 0 and np.abs(v[:, :, :, :12]).max(axis=(0, 2, 4)).min() > 0
 
 
 @pytest.mark.parametrize("chunks", [[1, 11], [7, 5], [7, 1, 1, 1, 1, 1]], ids=str)
@@ -219,6 +221,21 @@ def test_logit_idx_picks_rows_of_full_logits(tiny_llama, padded_full):
                    jnp.full((3, 1), 11, jnp.int32))
   assert last.shape == (3, 1, cfg.vocab_size)
   np.testing.assert_allclose(np.asarray(last)[:, 0], full[:, 11], atol=1e-5, rtol=0)
+
+
+def test_prefill_attending_to_the_filled_slots_only(tiny_llama, padded_full):
+  """attend_slots = the prefill's tokens skips the empty slots and changes nothing; a bound below them is refused."""
+  cfg, params = tiny_llama
+  tokens, mask, positions, kv_mask, full = padded_full
+  model = tfm.Transformer(cfg)
+  logits, cache = model.apply({"params": params}, tokens[:, :7], positions[:, :7], kv_mask,
+                              tfm.KVCache.zeros(cfg, 3, SLOTS), 0, attend_slots=7)
+  rest, _ = _apply(cfg, params, tokens[:, 7:], positions[:, 7:], kv_mask, cache, jnp.int32(7))
+  got = np.concatenate([np.asarray(logits), np.asarray(rest)], axis=1)
+  assert np.abs(got - full)[mask.astype(bool)].max() <= 1e-5
+  with pytest.raises(ValueError, match="attend_slots=6"):
+    model.apply({"params": params}, tokens[:, :7], positions[:, :7], kv_mask, tfm.KVCache.zeros(cfg, 3, SLOTS), 0,
+                attend_slots=6)
 
 
 # ---------------------------------------------------------------------------------------------- remat

@@ -206,9 +206,8 @@ def test_sharded_kv_cache_decode(sharded_setup, mesh222):
   slots = 12
   kv_mask = np.zeros((b, slots), np.int32)
   kv_mask[:, :t] = mask
-  cache_shape = (cfg.n_layers, b, slots, cfg.n_kv_heads, cfg.head_dim)
-  cache_sh = parallel.named_sharding(mesh222, tfm.KVCache.LOGICAL, cache_shape)
-  cache_tree_sh = tfm.KVCache(cache_sh, cache_sh)
+  cache_tree_sh = tfm.KVCache(*(parallel.named_sharding(mesh222, names, shape) for names, shape in
+                                zip(tfm.KVCache.LOGICAL, tfm.KVCache.shapes(cfg, b, slots))))
   batch_sh = NamedSharding(mesh222, P(("data", "fsdp")))
   model = tfm.Transformer(cfg, mesh=mesh222)
 
@@ -225,9 +224,11 @@ def test_sharded_kv_cache_decode(sharded_setup, mesh222):
   for i in range(prefix, t):
     logits, cache = step(params, tokens[:, i:i + 1], positions[:, i:i + 1], kv_mask, cache, jnp.int32(i))
     parts.append(np.asarray(logits))
-  assert cache.k.sharding.is_equivalent_to(cache_sh, 5)
+  assert cache.k.sharding.is_equivalent_to(cache_tree_sh.k, 5)
+  assert cache.v.sharding.is_equivalent_to(cache_tree_sh.v, 5)
   want_kv = "tensor" if cfg.n_kv_heads % 2 == 0 else None
-  assert cache_sh.spec == P(None, ("data", "fsdp"), None, want_kv, None)
+  assert cache_tree_sh.k.spec == P(None, ("data", "fsdp"), want_kv, None, None)
+  assert cache_tree_sh.v.spec == P(None, ("data", "fsdp"), want_kv, None, None)
   got = np.concatenate(parts, axis=1)
   real = mask.astype(bool)
   diff = np.abs(got - ref)[real].max()

@@ -54,16 +54,28 @@ _REMAT = {
 
 
 class KVCache(NamedTuple):
-  """Keys and values of every layer: [layers, batch, slots, kv_heads, head_dim]."""
+  """Keys and values of every layer: k [layers, batch, kv_heads, head_dim, slots] (keys transposed), v [layers,
+  batch, kv_heads, slots, head_dim].
+
+  Both are laid out as the attention matmuls read them (q @ k, then probs @ v, per row and head): with
+  [.., slots, kv_heads, head_dim] XLA:CPU transposed every layer's keys and values on every decode step and ran the
+  attention as slow batched dots (SmolLM2 at batch 64 on the 2-core CPU: 380 ms a decode step, now ~240 ms)."""
   k: jax.Array
   v: jax.Array
 
+  @staticmethod
+  def shapes(cfg: ModelConfig, batch: int, slots: int) -> "KVCache":
+    head = (cfg.n_layers, batch, cfg.n_kv_heads)
+    return KVCache(head + (cfg.head_dim, slots), head + (slots, cfg.head_dim))
+
   @classmethod
   def zeros(cls, cfg: ModelConfig, batch: int, slots: int) -> "KVCache":
-    shape = (cfg.n_layers, batch, slots, cfg.n_kv_heads, cfg.head_dim)
-    return cls(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
+    return cls(*(jnp.zeros(shape, cfg.dtype) for shape in cls.shapes(cfg, batch, slots)))
 
-  LOGICAL = ("layers", "batch", "length", "kv_heads", "head_dim")
+
+# Logical axis names of the cache (see `parallel`), per field.
+KVCache.LOGICAL = KVCache(("layers", "batch", "kv_heads", "head_dim", "length"),
+                          ("layers", "batch", "kv_heads", "length", "head_dim"))
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -125,9 +137,13 @@ def _param(module: nn.Module, name: str, shape: tuple[int, ...], names: tuple[st
 
 
 class Block(nn.Module):
-  """One pre-norm transformer layer; the scan body (carry = (x, cache or None))."""
+  """One pre-norm transformer layer; the scan body (carry = (x, cache or None)).
+
+  `attend_slots` (static): with a cache, attend to its first this many slots only (None: all of them) — a prefill
+  skips the empty slots reserved for new tokens."""
   cfg: ModelConfig
   mesh: Mesh | None = None
+  attend_slots: int | None = None
 
   @nn.compact
   def __call__(self, carry, layer_idx, cos_btd, sin_btd, kv_mask_bs, cache_index, adapters=None):
@@ -156,23 +172,35 @@ class Block(nn.Module):
     k = apply_rope(k, cos_btd, sin_btd)
 
     t = x.shape[1]
-    if cache is None:
-      keys, values = k, v
-    else:
-      start = (layer_idx, 0, cache_index, 0, 0)
-      cache = KVCache(jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), start),
-                      jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start))
-      keys = jax.lax.dynamic_index_in_dim(cache.k, layer_idx, 0, keepdims=False).astype(dt)
-      values = jax.lax.dynamic_index_in_dim(cache.v, layer_idx, 0, keepdims=False).astype(dt)
-    s = keys.shape[1]
     groups = h // kvh
-    q5 = q.reshape(q.shape[0], t, kvh, groups, dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q5, keys, preferred_element_type=jnp.float32) / np.sqrt(dh)
+    b = q.shape[0]
     q_slot = cache_index + jnp.arange(t)
-    allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & kv_mask_bs[:, None, :].astype(bool)  # [b,t,s]
+    if cache is None:  # a full forward (training): keys and values as projected, [b, t, kv_heads, head_dim]
+      q5 = q.reshape(b, t, kvh, groups, dh)
+      scores = jnp.einsum("btkgd,bskd->bkgts", q5, k, preferred_element_type=jnp.float32) / np.sqrt(dh)
+      s = t
+    else:
+      # The cache's layouts (see KVCache) and batched matmuls in canonical form ([b, kv_heads] batch, the queries
+      # of a head group as rows), which XLA:CPU hands to its matmul library as they are.
+      cache = KVCache(
+          jax.lax.dynamic_update_slice(cache.k, k.transpose(0, 2, 3, 1)[None].astype(cache.k.dtype),
+                                       (layer_idx, 0, 0, 0, cache_index)),
+          jax.lax.dynamic_update_slice(cache.v, v.transpose(0, 2, 1, 3)[None].astype(cache.v.dtype),
+                                       (layer_idx, 0, 0, cache_index, 0)))
+      s = cache.k.shape[-1] if self.attend_slots is None else self.attend_slots
+      keys = jax.lax.dynamic_index_in_dim(cache.k, layer_idx, 0, keepdims=False)[..., :s].astype(dt)
+      values = jax.lax.dynamic_index_in_dim(cache.v, layer_idx, 0, keepdims=False)[:, :, :s].astype(dt)
+      q_bkmd = q.reshape(b, t, kvh, groups, dh).transpose(0, 2, 3, 1, 4).reshape(b, kvh, groups * t, dh)
+      scores = jnp.matmul(q_bkmd, keys, preferred_element_type=jnp.float32) / np.sqrt(dh)
+      scores = scores.reshape(b, kvh, groups, t, s)
+    allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & kv_mask_bs[:, None, :s].astype(bool)  # [b,t,s]
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    attn = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(q.shape)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # [b, kv_heads, groups, t, s]
+    if cache is None:
+      attn = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(q.shape)
+    else:
+      attn = jnp.matmul(probs.reshape(b, kvh, groups * t, s), values)
+      attn = attn.reshape(b, kvh, groups, t, dh).transpose(0, 3, 1, 2, 4).reshape(q.shape)
     attn = parallel.constrain(attn, ("batch", "length", "heads", "head_dim"), mesh)
     x = x + _projection(attn, wo, adapters, "o", 2, dt)
     x = parallel.constrain(x, ("batch", "length", "act_embed"), mesh)
@@ -199,12 +227,14 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array, kv_mask_bs: jax.Array,
                cache: KVCache | None = None, cache_index: jax.Array | int = 0,
-               logit_idx_bn: jax.Array | None = None,
-               adapters: dict | None = None) -> tuple[jax.Array, KVCache | None]:
+               logit_idx_bn: jax.Array | None = None, adapters: dict | None = None,
+               attend_slots: int | None = None) -> tuple[jax.Array, KVCache | None]:
     """tokens/positions [b, t]; kv_mask [b, s] (s = t without a cache, else the cache's slots).
 
     `logit_idx_bn` picks the positions (indices into t) whose logits are computed; None computes all t.
     `adapters` adds LoRA terms to the layer projections (see the module docstring).
+    `attend_slots` (static, with a cache): the queries attend to the cache's first this many slots only (they must
+    hold every real key: a prefill passes cache_index + t and skips the slots reserved for later tokens).
     """
     cfg, mesh = self.cfg, self.mesh
     embed = _param(self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
@@ -223,7 +253,10 @@ class Transformer(nn.Module):
                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
                      length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
     layer_adapters = (adapters or {}).get("layers") or None  # scanned over layers, like the weights
-    (x, cache), _ = layers(cfg, mesh, name="layers")(
+    if attend_slots is not None and not tokens_bt.shape[1] <= attend_slots <= kv_mask_bs.shape[1]:
+      raise ValueError(f"attend_slots={attend_slots}: expected between the new tokens ({tokens_bt.shape[1]}) and "
+                       f"the cache's slots ({kv_mask_bs.shape[1]})")
+    (x, cache), _ = layers(cfg, mesh, attend_slots, name="layers")(
         (x, cache), jnp.arange(cfg.n_layers), cos, sin, kv_mask_bs, jnp.asarray(cache_index, jnp.int32),
         layer_adapters)
 

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from subl_jax import parallel
+from subl_jax import parallel, xla_cpu
 from subl_jax.models import transformer
 from subl_jax.sampling import constraint as constraint_lib
 from subl_jax.sampling.draw import Knobs, draw, row_uniforms
@@ -44,7 +44,8 @@ class State(NamedTuple):
 
 
 def _constrain_cache(cache: transformer.KVCache, mesh) -> transformer.KVCache:
-  return transformer.KVCache(*(parallel.constrain(x, transformer.KVCache.LOGICAL, mesh) for x in cache))
+  return transformer.KVCache(*(parallel.constrain(x, names, mesh)
+                               for x, names in zip(cache, transformer.KVCache.LOGICAL)))
 
 
 def _pick(logits_bv, rows: Rows, step, n_steps, done_b, fsa_b):
@@ -57,7 +58,7 @@ def _pick(logits_bv, rows: Rows, step, n_steps, done_b, fsa_b):
   return token, jnp.where(done_b, 0.0, logprob), ~done_b & jnp.isin(token, rows.stop_ids), fsa_b
 
 
-@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens"))
+@xla_cpu.jit_many_rows(static_argnames=("module", "max_new_tokens"))
 def prefill(module: transformer.Transformer, params, prefix_p: jax.Array, tokens_bt: jax.Array,
             mask_bt: jax.Array, rows: Rows, max_new_tokens: int) -> State:
   """Runs the shared prefix [P] (P may be 0) and the left-padded suffixes [b, T]; draws each row's first token."""
@@ -68,14 +69,14 @@ def prefill(module: transformer.Transformer, params, prefix_p: jax.Array, tokens
   if p:
     one = transformer.KVCache.zeros(module.cfg, 1, slots)
     _, one = module.apply({"params": params}, prefix_p[None], jnp.arange(p)[None], kv_mask[:1], one, 0,
-                          logit_idx_bn=jnp.zeros((1, 1), jnp.int32))
+                          logit_idx_bn=jnp.zeros((1, 1), jnp.int32), attend_slots=p)
     cache = transformer.KVCache(*(jnp.broadcast_to(x, (x.shape[0], b) + x.shape[2:]) for x in one))
   else:
     cache = transformer.KVCache.zeros(module.cfg, b, slots)
   cache = _constrain_cache(cache, module.mesh)
   positions = p + transformer.positions_from_mask(mask_bt)
   logits, cache = module.apply({"params": params}, tokens_bt, positions, kv_mask, cache, p,
-                               logit_idx_bn=jnp.full((b, 1), t - 1))
+                               logit_idx_bn=jnp.full((b, 1), t - 1), attend_slots=p + t)
   done = jnp.zeros((b,), bool)
   token, logprob, stop, fsa = _pick(logits[:, 0], rows, 0, max_new_tokens, done, jnp.zeros((b,), jnp.int32))
   out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(token)

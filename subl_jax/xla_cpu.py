@@ -1,0 +1,54 @@
+"""Which matmul library XLA:CPU uses, per jitted program.
+
+jaxlib's XLA:CPU hands matmuls to YNNPACK by default. On this project's 2-core CPU (Sapphire Rapids, float32,
+SmolLM2 shapes; `benchmarks/results/cpu_matmul.json`) YNNPACK is the faster one for matmuls with few rows — a decode
+step's 64 rows of [576 x 1536]: ~150 GFLOP/s against ~90 for XLA's own Eigen kernels — and the slower one from about
+512 rows on — a prefill or training step's 6,144 rows: ~150 against ~190-240. Programs whose matmuls have many rows
+(prefill, scoring contexts, training steps) are therefore compiled with YNNPACK's fusions off; decoding keeps the
+default. Off CPU, or on a jaxlib without the option, nothing changes.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Callable
+
+import jax
+
+OPTION = "xla_cpu_experimental_ynn_fusion_type"
+# SUBL_JAX_CPU_MATMUL=default compiles every program with XLA's defaults (for A/B measurements).
+ENV = "SUBL_JAX_CPU_MATMUL"
+
+
+@functools.cache
+def _option_supported() -> bool:
+  try:
+    jax.jit(lambda x: x + 1).lower(1.0).compile(compiler_options={OPTION: ""})
+    return True
+  except Exception:  # an XLA without this option rejects it by name
+    return False
+
+
+def many_rows_options() -> dict[str, Any]:
+  """Compiler options for a program of many-row matmuls: YNNPACK off on CPU; {} elsewhere."""
+  if os.environ.get(ENV, "") == "default" or jax.default_backend() != "cpu" or not _option_supported():
+    return {}
+  return {OPTION: ""}
+
+
+def jit_many_rows(fun: Callable | None = None, **jit_kwargs) -> Callable:
+  """`jax.jit(fun, **jit_kwargs)` compiled with `many_rows_options()`; the backend is looked at on the first call,
+  not at import. Usable as a decorator, with or without keyword arguments."""
+  if fun is None:
+    return functools.partial(jit_many_rows, **jit_kwargs)
+  jitted = None
+
+  @functools.wraps(fun)
+  def call(*args, **kwargs):
+    nonlocal jitted
+    if jitted is None:
+      jitted = jax.jit(fun, compiler_options=many_rows_options() or None, **jit_kwargs)
+    return jitted(*args, **kwargs)
+
+  return call
