@@ -1,11 +1,12 @@
 """Which matmul library XLA:CPU uses, per jitted program.
 
 jaxlib's XLA:CPU hands matmuls to YNNPACK by default. On this project's 2-core CPU (Sapphire Rapids, float32,
-SmolLM2 shapes; `benchmarks/results/cpu_matmul.json`) YNNPACK is the faster one for matmuls with few rows — a decode
-step's 64 rows of [576 x 1536]: ~150 GFLOP/s against ~90 for XLA's own Eigen kernels — and the slower one from about
-512 rows on — a prefill or training step's 6,144 rows: ~150 against ~190-240. Programs whose matmuls have many rows
-(prefill, scoring contexts, training steps) are therefore compiled with YNNPACK's fusions off; decoding keeps the
-default. Off CPU, or on a jaxlib without the option, nothing changes.
+SmolLM2's projection shapes; `benchmarks/cpu_matmul.py`) YNNPACK is the faster one for matmuls with few rows — a
+decode step's 64 rows: 115 GFLOP/s (geometric mean over the shapes) against 66 for XLA's own Eigen kernels — and the
+slower one from about 512 rows on — a prefill's 6,144 rows: 136 against 173. Programs whose matmuls have many rows
+(sampling prefill, scoring contexts) are therefore compiled with YNNPACK's fusions off; decoding keeps the default.
+A training step measured no difference either way (SmolLM2, batch 16, full and LoRA), so it keeps the default too.
+Off CPU, or on a jaxlib without the option, nothing changes.
 """
 
 from __future__ import annotations

@@ -146,7 +146,7 @@ class Block(nn.Module):
   attend_slots: int | None = None
 
   @nn.compact
-  def __call__(self, carry, layer_idx, cos_btd, sin_btd, kv_mask_bs, cache_index, adapters=None):
+  def __call__(self, carry, layer_idx, cos_btd, sin_btd, kv_mask_bs, cache_index, adapters=None, prefix=None):
     cfg, mesh = self.cfg, self.mesh
     x, cache = carry
     d, h, kvh, dh, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim
@@ -194,12 +194,24 @@ class Block(nn.Module):
       scores = jnp.matmul(q_bkmd, keys, preferred_element_type=jnp.float32) / np.sqrt(dh)
       scores = scores.reshape(b, kvh, groups, t, s)
     allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & kv_mask_bs[:, None, :s].astype(bool)  # [b,t,s]
+    if prefix is not None:  # a shared prefix before every row's own slots, all of it attended to
+      p = prefix.k.shape[-1]
+      q_km = q_bkmd.transpose(1, 0, 2, 3).reshape(kvh, b * groups * t, dh)  # all rows share the prefix keys: one
+      pre = jnp.matmul(q_km, prefix.k[0].astype(dt), preferred_element_type=jnp.float32) / np.sqrt(dh)  # matmul
+      pre = pre.reshape(kvh, b, groups, t, p).transpose(1, 0, 2, 3, 4)
+      scores = jnp.concatenate([pre, scores], axis=-1)
+      allowed = jnp.concatenate([jnp.ones((b, t, p), bool), allowed], axis=-1)
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # [b, kv_heads, groups, t, s]
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # [b, kv_heads, groups, t, (prefix +) s]
     if cache is None:
       attn = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(q.shape)
     else:
+      if prefix is not None:
+        probs, probs_pre = probs[..., p:], probs[..., :p].transpose(1, 0, 2, 3, 4).reshape(kvh, b * groups * t, p)
       attn = jnp.matmul(probs.reshape(b, kvh, groups * t, s), values)
+      if prefix is not None:
+        pre_attn = jnp.matmul(probs_pre, prefix.v[0].astype(dt)).reshape(kvh, b, groups * t, dh)
+        attn = attn + pre_attn.transpose(1, 0, 2, 3)
       attn = attn.reshape(b, kvh, groups, t, dh).transpose(0, 3, 1, 2, 4).reshape(q.shape)
     attn = parallel.constrain(attn, ("batch", "length", "heads", "head_dim"), mesh)
     x = x + _projection(attn, wo, adapters, "o", 2, dt)
@@ -228,13 +240,16 @@ class Transformer(nn.Module):
   def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array, kv_mask_bs: jax.Array,
                cache: KVCache | None = None, cache_index: jax.Array | int = 0,
                logit_idx_bn: jax.Array | None = None, adapters: dict | None = None,
-               attend_slots: int | None = None) -> tuple[jax.Array, KVCache | None]:
+               attend_slots: int | None = None, prefix: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
     """tokens/positions [b, t]; kv_mask [b, s] (s = t without a cache, else the cache's slots).
 
     `logit_idx_bn` picks the positions (indices into t) whose logits are computed; None computes all t.
     `adapters` adds LoRA terms to the layer projections (see the module docstring).
     `attend_slots` (static, with a cache): the queries attend to the cache's first this many slots only (they must
     hold every real key: a prefill passes cache_index + t and skips the slots reserved for later tokens).
+    `prefix` (with a cache): keys and values of a prefix every row shares ([layers, 1, ...] in KVCache's layouts,
+    e.g. the chat template and system prompt), stored once and attended to in full before the row's own cache slots
+    (`kv_mask` covers those only; positions count the prefix). The prefix's scores are one matmul for all rows.
     """
     cfg, mesh = self.cfg, self.mesh
     embed = _param(self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
@@ -250,15 +265,17 @@ class Transformer(nn.Module):
     if cfg.remat_policy != "none":
       block = nn.remat(Block, policy=_REMAT[cfg.remat_policy], prevent_cse=False)
     layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                     in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                     in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, 0),
                      length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
     layer_adapters = (adapters or {}).get("layers") or None  # scanned over layers, like the weights
+    if prefix is not None and cache is None:
+      raise ValueError("prefix: a shared prefix needs a cache (it is for prefill and decoding)")
     if attend_slots is not None and not tokens_bt.shape[1] <= attend_slots <= kv_mask_bs.shape[1]:
       raise ValueError(f"attend_slots={attend_slots}: expected between the new tokens ({tokens_bt.shape[1]}) and "
                        f"the cache's slots ({kv_mask_bs.shape[1]})")
     (x, cache), _ = layers(cfg, mesh, attend_slots, name="layers")(
         (x, cache), jnp.arange(cfg.n_layers), cos, sin, kv_mask_bs, jnp.asarray(cache_index, jnp.int32),
-        layer_adapters)
+        layer_adapters, prefix)
 
     if logit_idx_bn is not None:  # the vocab projection only where logits are needed
       x = jnp.take_along_axis(x, logit_idx_bn[..., None], axis=1)

@@ -1,9 +1,10 @@
 """The two jitted programs of sampling: `prefill` (prompts into a preallocated KV cache, first token) and `decode`
 (one `lax.while_loop` until every row has stopped or `max_new_tokens`), with the loop state donated.
 
-Cache layout, in slots: [shared prefix (P) | left-padded suffixes (T) | new tokens (N)]. A prefix that every prompt
-shares (chat template + system prompt) is run once at batch 1 and its cache rows are broadcast to the batch; the
-suffixes are then run at `cache_index=P`. Without a shared prefix P = 0 and the prompts are simply left-padded.
+Each row's cache slots: [left-padded suffix (T) | new tokens (N)]. A prefix that every prompt shares (chat template
++ system prompt, P tokens) is run once at batch 1 and kept once, not per row: every layer attends to it with one
+matmul for all rows (`Transformer(prefix=...)`), so a decode step reads P fewer slots per row. Without a shared
+prefix (P = 0) the prompts are simply left-padded.
 Positions are explicit (each row counts only its real tokens), so padding never changes a row's numbers.
 """
 
@@ -32,6 +33,7 @@ class Rows(NamedTuple):
 
 class State(NamedTuple):
   cache: transformer.KVCache
+  prefix: transformer.KVCache | None  # the shared prefix's keys and values (batch 1), or None
   kv_mask: jax.Array    # [b, slots] which cache slots hold real tokens
   last: jax.Array       # [b] the token fed next
   position: jax.Array   # [b] its position
@@ -63,26 +65,22 @@ def prefill(module: transformer.Transformer, params, prefix_p: jax.Array, tokens
             mask_bt: jax.Array, rows: Rows, max_new_tokens: int) -> State:
   """Runs the shared prefix [P] (P may be 0) and the left-padded suffixes [b, T]; draws each row's first token."""
   (b, t), p = tokens_bt.shape, prefix_p.shape[0]
-  slots = p + t + max_new_tokens
-  kv_mask = jnp.concatenate([jnp.ones((b, p), jnp.int32), mask_bt.astype(jnp.int32),
-                             jnp.zeros((b, max_new_tokens), jnp.int32)], axis=1)
+  slots = t + max_new_tokens
+  kv_mask = jnp.concatenate([mask_bt.astype(jnp.int32), jnp.zeros((b, max_new_tokens), jnp.int32)], axis=1)
+  prefix = None
   if p:
-    one = transformer.KVCache.zeros(module.cfg, 1, slots)
-    _, one = module.apply({"params": params}, prefix_p[None], jnp.arange(p)[None], kv_mask[:1], one, 0,
-                          logit_idx_bn=jnp.zeros((1, 1), jnp.int32), attend_slots=p)
-    cache = transformer.KVCache(*(jnp.broadcast_to(x, (x.shape[0], b) + x.shape[2:]) for x in one))
-  else:
-    cache = transformer.KVCache.zeros(module.cfg, b, slots)
-  cache = _constrain_cache(cache, module.mesh)
+    _, prefix = module.apply({"params": params}, prefix_p[None], jnp.arange(p)[None], jnp.ones((1, p), jnp.int32),
+                             transformer.KVCache.zeros(module.cfg, 1, p), 0, logit_idx_bn=jnp.zeros((1, 1), jnp.int32))
+  cache = _constrain_cache(transformer.KVCache.zeros(module.cfg, b, slots), module.mesh)
   positions = p + transformer.positions_from_mask(mask_bt)
-  logits, cache = module.apply({"params": params}, tokens_bt, positions, kv_mask, cache, p,
-                               logit_idx_bn=jnp.full((b, 1), t - 1), attend_slots=p + t)
+  logits, cache = module.apply({"params": params}, tokens_bt, positions, kv_mask, cache, 0,
+                               logit_idx_bn=jnp.full((b, 1), t - 1), attend_slots=t, prefix=prefix)
   done = jnp.zeros((b,), bool)
   token, logprob, stop, fsa = _pick(logits[:, 0], rows, 0, max_new_tokens, done, jnp.zeros((b,), jnp.int32))
   out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(token)
   logprobs = jnp.zeros((b, max_new_tokens), jnp.float32).at[:, 0].set(logprob)
-  return State(cache, kv_mask, token, positions[:, -1] + 1, out, logprobs, jnp.ones((b,), jnp.int32), stop, fsa,
-               jnp.int32(1))
+  return State(cache, prefix, kv_mask, token, positions[:, -1] + 1, out, logprobs, jnp.ones((b,), jnp.int32), stop,
+               fsa, jnp.int32(1))
 
 
 @functools.partial(jax.jit, static_argnames=("module",), donate_argnums=(2,))
@@ -97,11 +95,12 @@ def decode(module: transformer.Transformer, params, state: State, rows: Rows) ->
   def body(s: State):
     slot = first_new_slot + s.step - 1  # where the token drawn at step-1 goes
     kv_mask = jax.lax.dynamic_update_slice(s.kv_mask, jnp.ones((b, 1), jnp.int32), (0, slot))
-    logits, cache = module.apply({"params": params}, s.last[:, None], s.position[:, None], kv_mask, s.cache, slot)
+    logits, cache = module.apply({"params": params}, s.last[:, None], s.position[:, None], kv_mask, s.cache, slot,
+                                 prefix=s.prefix)
     token, logprob, stop, fsa = _pick(logits[:, 0], rows, s.step, n, s.done, s.fsa)
     out = jax.lax.dynamic_update_slice(s.out, token[:, None], (0, s.step))
     logprobs = jax.lax.dynamic_update_slice(s.logprobs, logprob[:, None], (0, s.step))
     n_new = s.n_new + (~s.done).astype(jnp.int32)
-    return State(cache, kv_mask, token, s.position + 1, out, logprobs, n_new, s.done | stop, fsa, s.step + 1)
+    return State(cache, s.prefix, kv_mask, token, s.position + 1, out, logprobs, n_new, s.done | stop, fsa, s.step + 1)
 
   return jax.lax.while_loop(cond, body, state)
