@@ -195,9 +195,10 @@ class Block(nn.Module):
       scores = scores.reshape(b, kvh, groups, t, s)
     allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & kv_mask_bs[:, None, :s].astype(bool)  # [b,t,s]
     if prefix is not None:  # a shared prefix before every row's own slots, all of it attended to
+      # every row shares the prefix's keys: one matmul per kv head, with all rows' queries as its rows
       p = prefix.k.shape[-1]
-      q_km = q_bkmd.transpose(1, 0, 2, 3).reshape(kvh, b * groups * t, dh)  # all rows share the prefix keys: one
-      pre = jnp.matmul(q_km, prefix.k[0].astype(dt), preferred_element_type=jnp.float32) / np.sqrt(dh)  # matmul
+      q_km = q_bkmd.transpose(1, 0, 2, 3).reshape(kvh, b * groups * t, dh)
+      pre = jnp.matmul(q_km, prefix.k[0].astype(dt), preferred_element_type=jnp.float32) / np.sqrt(dh)
       pre = pre.reshape(kvh, b, groups, t, p).transpose(1, 0, 2, 3, 4)
       scores = jnp.concatenate([pre, scores], axis=-1)
       allowed = jnp.concatenate([jnp.ones((b, t, p), bool), allowed], axis=-1)
