@@ -207,10 +207,9 @@ class Block(nn.Module):
     if cache is None:
       attn = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(q.shape)
     else:
-      if prefix is not None:
-        probs, probs_pre = probs[..., p:], probs[..., :p].transpose(1, 0, 2, 3, 4).reshape(kvh, b * groups * t, p)
-      attn = jnp.matmul(probs.reshape(b, kvh, groups * t, s), values)
-      if prefix is not None:
+      attn = jnp.matmul(probs[..., -s:].reshape(b, kvh, groups * t, s), values)
+      if prefix is not None:  # the prefix's part: again one matmul per kv head for all rows
+        probs_pre = probs[..., :-s].transpose(1, 0, 2, 3, 4).reshape(kvh, b * groups * t, -1)
         pre_attn = jnp.matmul(probs_pre, prefix.v[0].astype(dt)).reshape(kvh, b, groups * t, dh)
         attn = attn + pre_attn.transpose(1, 0, 2, 3)
       attn = attn.reshape(b, kvh, groups, t, dh).transpose(0, 3, 1, 2, 4).reshape(q.shape)
