@@ -4,8 +4,10 @@ jaxlib's XLA:CPU hands matmuls to YNNPACK by default. On this project's 2-core C
 SmolLM2's projection shapes; `benchmarks/cpu_matmul.py`) YNNPACK is the faster one for matmuls with few rows — a
 decode step's 64 rows: 115 GFLOP/s (geometric mean over the shapes) against 66 for XLA's own Eigen kernels — and the
 slower one from about 512 rows on — a prefill's 6,144 rows: 136 against 173. Programs whose matmuls have many rows
-(sampling prefill, scoring contexts) are therefore compiled with YNNPACK's fusions off; decoding keeps the default.
-A training step measured no difference either way (SmolLM2, batch 16, full and LoRA), so it keeps the default too.
+(sampling prefill, scoring contexts, the train step: batch × length rows) are therefore compiled with YNNPACK's
+fusions off; decoding keeps the default. For the train step (SmolLM2, batch 16 × 152 tokens) the gain is small: 2-7 %
+in three interleaved A/Bs in one process (the same step compiled both ways, run alternately; the CPU's noise is of the
+same order), and none in an earlier one.
 Off CPU, or on a jaxlib without the option, nothing changes.
 """
 

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from subl_jax import parallel
+from subl_jax import parallel, xla_cpu
 from subl_jax.models import transformer
 from subl_jax.models.config import ModelConfig
 from subl_jax.training import losses, optim
@@ -145,7 +145,9 @@ def grads_and_loss(spec: StepSpec, mesh: Mesh | None, trainable, frozen, teacher
 
 
 def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, mesh: Mesh) -> Callable:
-  """The jitted step `(state, frozen, teacher_params, batch) -> (state, metrics)`; the state is donated."""
+  """The jitted step `(state, frozen, teacher_params, batch) -> (state, metrics)`; the state is donated.
+
+  Its matmuls have batch × length rows (thousands), so on CPU it is compiled without YNNPACK (see `xla_cpu`)."""
   sh = state_shardings(spec, tx, mesh)
   rep = parallel.replicated(mesh)
 
@@ -157,7 +159,8 @@ def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, mesh: Mesh
     metrics = {"loss": loss, "loss_tokens": count, "grad_norm": optax.tree.norm(grads)}
     return {"step": state["step"] + 1, "trainable": trainable, "opt": opt}, metrics
 
-  return jax.jit(step, out_shardings=(sh, {"loss": rep, "loss_tokens": rep, "grad_norm": rep}), donate_argnums=0)
+  return xla_cpu.jit_many_rows(step, out_shardings=(sh, {"loss": rep, "loss_tokens": rep, "grad_norm": rep}),
+                               donate_argnums=0)
 
 
 @functools.lru_cache(maxsize=8)
