@@ -15,6 +15,9 @@ process holds both frameworks, so idle threads of one that spin count against th
 
   python benchmarks/training.py [--steps 6] [--batch 16]
 Writes benchmarks/results/training.json (top-level `ratio`: ours / theirs, examples/s, full fine-tuning).
+  (. launch/malloc.env && python benchmarks/training.py --out benchmarks/results/training_malloc_env.json)
+runs it with glibc told to keep freed memory, as `make run` and launch/local.sh do (both frameworks share the process,
+so both get it): XLA:CPU's per-step temporaries are then no longer page-faulted in afresh on every step.
 
 On an accelerator (benchmarks/gpu.sh): `--arch llama-3.2-1b --inputs DIR --dtype bfloat16 --one_shape --peak_n 8192`
 trains a Llama-3.2-1B-shaped model (d_model 2048, 16 layers, 32/8 heads, ffn 8192, vocab 128256, tied, RoPE 500000
