@@ -3,11 +3,13 @@
 SmolLM2-135M-Instruct, float32, batch 16, on paper-shaped number data: the chat template + a paper prompt from
 `generate_prompts` + a completion of 10 three-digit numbers (~130-150 tokens), loss on the completion. Both sides
 train one pass over the same examples; steps alternate (ours, theirs, ours, ...) so a changing machine load hits both
-alike. Ours: length-bucketed batches, logits only at completion positions, LoRA without frozen-weight gradients.
+alike. Ours: length-bucketed batches, the rows' shared prefix run once, logits only at completion positions, LoRA
+without frozen-weight gradients.
 Theirs: the usual random batches padded to the batch's longest row, loss with labels -100 outside the completion.
 
 MFU counts the same useful FLOPs for both (real tokens, causal attention, vocabulary projection at loss positions,
-no frozen-weight gradients for LoRA; `subl_jax.flops`) against the best f32 matmul rate measured in this run
+no frozen-weight gradients for LoRA, the prefix every row shares — the chat template's system turn, `shared_prefix`
+tokens — once per step, as ours computes it; `subl_jax.flops`) against the best f32 matmul rate measured in this run
 (`mfu`), and against the median rate measured between the timed steps (`mfu_vs_rate_during_run`): other users share
 this CPU, and the second figure compares with what the machine delivered while the steps ran. `mfu_per_cpu_second`
 divides by the CPU time the process got instead of wall time, against the matmul chain's FLOP per CPU-second (the
@@ -71,7 +73,7 @@ class Ours:
 
   def __init__(self, model: api.Model, ds: chat_data.ChatDataset, batch: int, lora: LoraConfig | None, steps: int,
                one_shape: bool = False):
-    spec = step_lib.StepSpec(model.config, lora)
+    spec = step_lib.StepSpec(model.config, lora, shared_prefix=buckets.shared_prefix(ds.examples))
     tx, shardings, self.step_fn = step_lib.train_step_for(spec, OPT, 1000, model.mesh)
     self.state = trainer.fresh_state(model, lora, tx, shardings, seed=0)
     # full fine-tuning trains a copy: without our reference the caller can free the original parameters
@@ -122,8 +124,9 @@ class Ours:
         self.run(idx)
     return time.perf_counter() - t0
 
-  def flops(self) -> float:
-    return sum(trainer._step_cost(buckets.collate_step(self.ds, idx, 1, 0), self.spec)[2] for idx in self.steps)
+  def flops(self, spec: step_lib.StepSpec | None = None) -> float:
+    return sum(trainer._step_cost(buckets.collate_step(self.ds, idx, 1, 0), spec or self.spec)[2]
+               for idx in self.steps)
 
 
 class Theirs:
@@ -235,7 +238,9 @@ def compare(name: str, ours: Ours, theirs: Theirs, n_examples: int, peak: float,
       seconds=t, cpu_seconds=c, cores_used=c / t, examples_per_s=n_examples / t, tokens_per_s=tokens / t,
       mfu=useful / t / peak, mfu_vs_rate_during_run=useful / t / during, mfu_per_cpu_second=useful / c / per_cpu_s,
       mfu_vs_nominal=nominal and useful / t / nominal, step_seconds_mean=t / len(per_step), padding=padding)
-  out = dict(examples=n_examples, real_tokens=tokens, useful_flops=useful, ours=side(t_ours, c_ours, ours.padding),
+  out = dict(examples=n_examples, real_tokens=tokens, useful_flops=useful, shared_prefix=ours.spec.shared_prefix,
+             useful_flops_prefix_in_every_row=ours.flops(dataclasses.replace(ours.spec, shared_prefix=0)),
+             ours=side(t_ours, c_ours, ours.padding),
              theirs=side(t_theirs, c_theirs, theirs.padding), matmul_rate_during_run=during,
              matmul_flop_per_cpu_second=per_cpu_s, warm_up=warm, step_seconds=per_step)
   out["ratio"] = out["ours"]["examples_per_s"] / out["theirs"]["examples_per_s"]

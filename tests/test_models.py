@@ -312,3 +312,41 @@ def test_config_roundtrip(tmp_path):
   with pytest.raises(ValueError, match="bad.json"):
     ModelConfig.load(tmp_path / "bad.json")
   assert cfg.n_params == sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tfm.abstract_params(cfg)[0]))
+
+
+# ---------------------------------------------------------------------------------------------- shared prefix
+
+@pytest.mark.parametrize("name, policy", [("qwen2", "none"), ("llama_gqa", "dots")])
+def test_shared_prefix_run_once_gives_the_same_logits_and_grads(name, policy, tmp_path):
+  """A training batch whose rows begin with the same 5 tokens, that prefix run once (`shared_prefix`): the logits
+  at any position (inside the prefix too) and the parameter gradients equal those of the batch as it is."""
+  cfg, params = save_and_import(make_hf_model(name, seed=6), tmp_path)
+  cfg = cfg.replace(remat_policy=policy)
+  p, t = 5, 12
+  tokens = np.random.default_rng(7).integers(0, cfg.vocab_size, (4, t)).astype(np.int32)
+  tokens[:, :p] = tokens[0, :p]
+  mask = (np.arange(t)[None] < np.array([12, 9, 6, 0])[:, None]).astype(np.int32)  # right-padded, one empty row
+  positions = np.tile(np.arange(t, dtype=np.int32), (4, 1))
+  idx = jnp.asarray([[11, 5, 7], [8, 2, 6], [5, 0, 4], [0, 0, 0]], jnp.int32)
+  weights = jnp.asarray(np.r_[np.ones((3, 3)), np.zeros((1, 3))], jnp.float32)
+
+  def run(shared):
+    def loss_fn(prm):
+      logits, _ = tfm.Transformer(cfg).apply({"params": prm}, tokens, positions, mask, logit_idx_bn=idx,
+                                             shared_prefix=shared)
+      return (jax.nn.log_softmax(logits)[..., 3] * weights).sum(), logits
+    (loss, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+    return float(loss), np.asarray(logits)[:3], jax.tree.map(np.asarray, grads)
+
+  (loss0, logits0, grads0), (loss1, logits1, grads1) = run(0), run(p)
+  np.testing.assert_allclose(logits1, logits0, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(loss1, loss0, rtol=1e-6)
+  for (path, g0), g1 in zip(jax.tree_util.tree_leaves_with_path(grads0), jax.tree.leaves(grads1)):
+    scale = np.abs(g0).max()
+    assert scale > 0, jax.tree_util.keystr(path)
+    np.testing.assert_allclose(g1, g0, atol=1e-5 * scale, rtol=0, err_msg=jax.tree_util.keystr(path))
+  model = tfm.Transformer(cfg)
+  with pytest.raises(ValueError, match="shared_prefix=12"):
+    model.apply({"params": params}, tokens, positions, mask, shared_prefix=12)
+  with pytest.raises(ValueError, match="shared_prefix: for a full forward"):
+    model.apply({"params": params}, tokens, positions, mask, tfm.KVCache.zeros(cfg, 4, t), shared_prefix=p)

@@ -27,13 +27,15 @@ def one_device_mesh():
   return parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
 
 
-def synthetic_dataset(n, seed=0, vocab=97, lengths=(6, 20), teacher=False):
-  """Random sequences: a prompt of `lengths` (low, high) tokens, then a completion (mask 1) of 2-7 tokens."""
+def synthetic_dataset(n, seed=0, vocab=97, lengths=(6, 20), teacher=False, shared=0):
+  """Random sequences: a prompt of `lengths` (low, high) tokens, then a completion (mask 1) of 2-7 tokens; with
+  `shared`, every prompt begins with the same `shared` tokens (as chats begin with the template's system turn)."""
   rng = np.random.default_rng(seed)
   examples, teachers = [], []
+  prefix = rng.integers(0, vocab, shared)
   for _ in range(n):
-    p, c = rng.integers(*lengths), rng.integers(2, 8)
-    tokens = rng.integers(0, vocab, p + c).astype(np.int32)
+    p, c = rng.integers(*lengths) + shared, rng.integers(2, 8)
+    tokens = np.r_[prefix, rng.integers(0, vocab, p + c - shared)].astype(np.int32)
     examples.append(Example(tokens, np.r_[np.zeros(p), np.ones(c)].astype(np.int8)))
     if teacher:  # the teacher's context: 3 extra (system) tokens before the same sequence
       teachers.append(Example(np.r_[rng.integers(0, vocab, 3), tokens].astype(np.int32),
@@ -107,6 +109,43 @@ def test_sum_over_sum_one_batch_equals_accumulated_micro_batches(tiny_params):
   # the micro-batches hold different numbers of loss tokens, so a mean of per-micro-batch means would differ
   counts = split["weights"].sum(axis=(1, 2))
   assert len(set(counts.tolist())) > 1, counts
+
+
+@pytest.mark.parametrize("rank", [0, 4])
+def test_shared_prefix_once_gives_the_same_loss_and_gradients(tiny_params, rank):
+  """Rows that begin alike run their prefix once (the default when a dataset has one): same loss and gradients as
+  repeating it in every row, with accumulation and an empty filler row in the last micro-batch."""
+  ds = synthetic_dataset(15, seed=8, shared=11)
+  p = buckets.shared_prefix(ds.examples)
+  assert p == 11
+  batch = buckets.collate_step(ds, np.r_[np.arange(15), -1], 2, 0)
+  lora = LoraConfig(rank=rank) if rank else None
+  frozen = tiny_params if lora else None
+  trainable = tiny_params
+  if lora:  # adapters with a nonzero B, so that LoRA changes the logits
+    trainable = jax.tree.map(lambda x: x + 0.1, init_adapters(TINY, lora, jax.random.key(1)))
+
+  def run(shared):
+    spec = step_lib.StepSpec(TINY, lora=lora, shared_prefix=shared)
+    return jax.jit(lambda t, b: step_lib.grads_and_loss(spec, None, t, frozen, None, b))(trainable, batch)
+
+  (g0, l0, c0), (g1, l1, c1) = run(0), run(p)
+  assert float(c0) == float(c1) == sum(e.n_targets for e in ds.examples)
+  np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    assert np.abs(b).max() > 0
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * np.abs(b).max())
+
+
+def test_shared_prefix_stops_before_the_first_loss_position():
+  ds = synthetic_dataset(6, seed=9, shared=10)
+  assert buckets.shared_prefix(ds.examples) == 10
+  # a row whose completion starts early: the prefix ends where its first logit (the input before the target) is
+  early = Example(np.r_[ds.examples[0].tokens[:10], [1, 2, 3]].astype(np.int32), np.r_[np.zeros(9), np.ones(4)])
+  assert buckets.shared_prefix(ds.examples + [early]) == 8
+  # shorter than one length bucket: not split off; no common prefix at all: 0
+  assert buckets.shared_prefix(synthetic_dataset(6, seed=9, shared=buckets.LENGTH_BUCKET - 1).examples) == 0
+  assert buckets.shared_prefix(synthetic_dataset(6, seed=9).examples) == 0
 
 
 # --------------------------------------------------------------------------------------------- LoRA
@@ -212,15 +251,17 @@ def test_kd_teacher_sees_its_own_context_aligned_on_completions():
 
 # --------------------------------------------------------------------------------------------- sharding
 
-def two_steps(params, rank, mesh):
-  """(trainable after two train steps on `mesh`, the second step's loss)."""
+def two_steps(params, rank, shared, mesh):
+  """(trainable after two train steps on `mesh`, the second step's loss); `shared`: a shared prefix of that many
+  tokens in every row, run once."""
   lora = LoraConfig(rank=rank) if rank else None
-  spec = step_lib.StepSpec(TINY, lora=lora)
+  ds = synthetic_dataset(16, seed=6, lengths=(9, 10), shared=shared)
+  spec = step_lib.StepSpec(TINY, lora=lora, shared_prefix=buckets.shared_prefix(ds.examples))
+  assert spec.shared_prefix == shared
   # SGD: an update linear in the gradient. (Adam divides by sqrt(v) + 1e-8, so a gradient entry near 0 turns float
   # reduction-order noise into a visible update difference; its state sharding is checked below.)
   tx, sh, step_fn = step_lib.train_step_for(spec, dict(name="sgd", lr=0.5, max_grad_norm=1.0), 10, mesh)
-  batch = step_lib.put_batch(buckets.collate_step(synthetic_dataset(16, seed=6, lengths=(9, 10)), np.arange(16), 2,
-                                                  0), mesh)
+  batch = step_lib.put_batch(buckets.collate_step(ds, np.arange(16), 2, 0), mesh)
   params = jax.device_put(params, tfm.param_shardings(TINY, mesh))
   trainable = params if lora is None else jax.jit(init_adapters, static_argnums=(0, 1))(TINY, lora, jax.random.key(0))
   state = step_lib.init_state(jax.device_put(jax.tree.map(jnp.copy, trainable), sh["trainable"]), tx, sh)
@@ -231,14 +272,16 @@ def two_steps(params, rank, mesh):
 
 @pytest.fixture(scope="module")
 def single_device_steps(tiny_params):
-  return {rank: two_steps(tiny_params, rank, one_device_mesh()) for rank in (0, 4)}
+  return {(rank, shared): two_steps(tiny_params, rank, shared, one_device_mesh()) for rank in (0, 4)
+          for shared in (0, 8)}
 
 
-@pytest.mark.parametrize("shape, rank", [((2, 2, 2), 0), ((1, 8, 1), 0), ((2, 2, 2), 4)])
-def test_sharded_step_equals_single_device(tiny_params, single_device_steps, shape, rank):
+@pytest.mark.parametrize("shape, rank, shared", [((2, 2, 2), 0, 0), ((1, 8, 1), 0, 8), ((2, 2, 2), 4, 0),
+                                                 ((2, 2, 2), 4, 8)])
+def test_sharded_step_equals_single_device(tiny_params, single_device_steps, shape, rank, shared):
   mesh = parallel.make_mesh(*shape)
-  p8, l8 = two_steps(tiny_params, rank, mesh)
-  p1, l1 = single_device_steps[rank]
+  p8, l8 = two_steps(tiny_params, rank, shared, mesh)
+  p1, l1 = single_device_steps[rank, shared]
   assert abs(l8 - l1) <= 1e-6 * abs(l1)
   for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -256,7 +299,7 @@ def test_sharded_step_equals_single_device(tiny_params, single_device_steps, sha
 def test_killed_run_resumes_to_bitwise_equal_parameters(tiny_params, tmp_path, rank):
   model = tiny_model(tiny_params)
   before = jax.tree.map(np.array, tiny_params)
-  ds = synthetic_dataset(40, seed=7, lengths=(9, 10))  # one padded shape: one compile
+  ds = synthetic_dataset(40, seed=7, lengths=(9, 10), shared=8)  # one padded shape: one compile; a shared prefix
   tc = train_section(epochs=2, checkpoint_every=2, lora=dict(rank=rank))  # 5 steps per epoch, 10 in all
   full = trainer.train(model, ds, tc, tmp_path / "full", peak_flops=1.0, progress=False)
 
@@ -267,7 +310,7 @@ def test_killed_run_resumes_to_bitwise_equal_parameters(tiny_params, tmp_path, r
   with pytest.raises(checkpoint.Interrupted):
     trainer.train(model, ds, tc, tmp_path / "cut", on_step=kill_at_7, peak_flops=1.0, progress=False)
   resumed = trainer.train(model, ds, tc, tmp_path / "cut", peak_flops=1.0, progress=False)
-  assert resumed.summary["resumed_from"] == 7
+  assert resumed.summary["resumed_from"] == 7 and full.summary["shared_prefix"] == 8
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, resumed.trainable),
                jax.tree.map(np.asarray, full.trainable))
   changed = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in

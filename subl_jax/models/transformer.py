@@ -131,6 +131,40 @@ def _projection(x: jax.Array, w: jax.Array, adapters: dict | None, name: str, n_
   return y + dense(dense(x, a, n_in, dtype), b, 1, dtype).astype(y.dtype)
 
 
+def _masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed_bts: jax.Array) -> jax.Array:
+  """Softmax attention without a cache: q [b, t, heads, hd], k and v [b, s, kv_heads, hd], `allowed` [b, t, s]."""
+  b, t, h, dh = q.shape
+  kvh = k.shape[2]
+  q5 = q.reshape(b, t, kvh, h // kvh, dh)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q5, k, preferred_element_type=jnp.float32) / np.sqrt(dh)
+  scores = jnp.where(allowed_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(q.shape)
+
+
+def _causal(t: int) -> jax.Array:
+  return jnp.tril(jnp.ones((t, t), bool))
+
+
+def _shared_prefix_attention(qkv_prefix: tuple, qkv_rows: tuple, kv_mask_bs: jax.Array) -> tuple[jax.Array, ...]:
+  """Attention of a batch whose rows all begin with the same p tokens, that prefix held once.
+
+  `qkv_prefix`: q, k, v of the prefix ([1, p, ...]), attending causally to itself. `qkv_rows`: q, k, v of the rest
+  of each row ([b, s, ...]), attending to all of the prefix and causally to its own real keys (`kv_mask` [b, s]).
+  Every row reads the prefix's one copy of keys and values (broadcast: the attention is a small part of the work,
+  the projections that made them are not repeated), so under autodiff their gradients sum over the rows — the same
+  math as the batch with the prefix repeated in every row. Returns (attn of the prefix, of the rows)."""
+  qp, kp, vp = qkv_prefix
+  q, k, v = qkv_rows
+  b, s = q.shape[:2]
+  p = kp.shape[1]
+  attn_p = _masked_attention(qp, kp, vp, _causal(p)[None])
+  rows = lambda pre, own: jnp.concatenate([jnp.broadcast_to(pre, (b,) + pre.shape[1:]), own], axis=1)
+  allowed = jnp.concatenate([jnp.ones((b, s, p), bool), _causal(s)[None] & kv_mask_bs.astype(bool)[:, None, :]],
+                            axis=-1)
+  return attn_p, _masked_attention(q, rows(kp, k), rows(vp, v), allowed)
+
+
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], names: tuple[str, ...], init) -> jax.Array:
   cfg = module.cfg
   return module.param(name, nn.with_logical_partitioning(init, names), shape, cfg.param_dtype)
@@ -139,6 +173,9 @@ def _param(module: nn.Module, name: str, shape: tuple[int, ...], names: tuple[st
 class Block(nn.Module):
   """One pre-norm transformer layer; the scan body (carry = (x, cache or None)).
 
+  `x` is one array [b, t, d], or, for a batch whose rows share their first tokens (training, see
+  `Transformer.__call__`'s `shared_prefix`), a pair (prefix [1, p, d], rest of the rows [b, t - p, d]) with cos/sin
+  pairs to match: every per-token operation runs on each part, and attention joins them.
   `attend_slots` (static): with a cache, attend to its first this many slots only (None: all of them) — a prefill
   skips the empty slots reserved for new tokens."""
   cfg: ModelConfig
@@ -149,10 +186,14 @@ class Block(nn.Module):
   def __call__(self, carry, layer_idx, cos_btd, sin_btd, kv_mask_bs, cache_index, adapters=None, prefix=None):
     cfg, mesh = self.cfg, self.mesh
     x, cache = carry
+    split = isinstance(x, tuple)  # (shared prefix, rest of the rows)
+    parts, cos_parts, sin_parts = (x, cos_btd, sin_btd) if split else ((x,), (cos_btd,), (sin_btd,))
+    each = lambda fn, *args: tuple(map(fn, *args))
     d, h, kvh, dh, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim
     dense = nn.initializers.normal(0.02)
     ones, zeros = nn.initializers.ones, nn.initializers.zeros
     dt = cfg.dtype
+    act = lambda a, *names: parallel.constrain(a, ("batch", "length") + names, mesh)
 
     # --- attention
     attn_norm = _param(self, "attn_norm", (d,), ("norm",), ones)
@@ -160,39 +201,65 @@ class Block(nn.Module):
     wk = _param(self, "k", (d, kvh, dh), ("embed", "kv_heads", "head_dim"), dense)
     wv = _param(self, "v", (d, kvh, dh), ("embed", "kv_heads", "head_dim"), dense)
     wo = _param(self, "o", (h, dh, d), ("heads", "head_dim", "embed"), dense)
-    hn = rms_norm(x, attn_norm, cfg.rms_eps)
-    q = _projection(hn, wq, adapters, "q", 1, dt)
-    k = _projection(hn, wk, adapters, "k", 1, dt)
-    v = _projection(hn, wv, adapters, "v", 1, dt)
+    biases = {}
     if cfg.qkv_bias:
-      q = q + _param(self, "q_bias", (h, dh), ("heads", "head_dim"), zeros).astype(dt)
-      k = k + _param(self, "k_bias", (kvh, dh), ("kv_heads", "head_dim"), zeros).astype(dt)
-      v = v + _param(self, "v_bias", (kvh, dh), ("kv_heads", "head_dim"), zeros).astype(dt)
-    q = parallel.constrain(apply_rope(q, cos_btd, sin_btd), ("batch", "length", "heads", "head_dim"), mesh)
-    k = apply_rope(k, cos_btd, sin_btd)
+      biases = {"q": _param(self, "q_bias", (h, dh), ("heads", "head_dim"), zeros),
+                "k": _param(self, "k_bias", (kvh, dh), ("kv_heads", "head_dim"), zeros),
+                "v": _param(self, "v_bias", (kvh, dh), ("kv_heads", "head_dim"), zeros)}
 
-    t = x.shape[1]
+    def qkv(xp, cos, sin):
+      hn = rms_norm(xp, attn_norm, cfg.rms_eps)
+      q, k, v = (_projection(hn, w, adapters, name, 1, dt) + (biases[name].astype(dt) if biases else 0)
+                 for name, w in (("q", wq), ("k", wk), ("v", wv)))
+      return act(apply_rope(q, cos, sin), "heads", "head_dim"), apply_rope(k, cos, sin), v
+
+    if split:
+      attn_parts = _shared_prefix_attention(qkv(parts[0], cos_parts[0], sin_parts[0]),
+                                            qkv(parts[1], cos_parts[1], sin_parts[1]), kv_mask_bs)
+    else:
+      attn, cache = self._attention(*qkv(x, cos_btd, sin_btd), layer_idx, kv_mask_bs, cache_index, cache, prefix)
+      attn_parts = (attn,)
+    attn_parts = each(lambda a: act(a, "heads", "head_dim"), attn_parts)
+    parts = each(lambda xp, a: act(xp + _projection(a, wo, adapters, "o", 2, dt), "act_embed"), parts, attn_parts)
+
+    # --- SwiGLU MLP
+    mlp_norm = _param(self, "mlp_norm", (d,), ("norm",), ones)
+    w_gate = _param(self, "gate", (d, f), ("embed", "mlp"), dense)
+    w_up = _param(self, "up", (d, f), ("embed", "mlp"), dense)
+    w_down = _param(self, "down", (f, d), ("mlp", "embed"), dense)
+
+    def mlp(xp):
+      hn = rms_norm(xp, mlp_norm, cfg.rms_eps)
+      gate = _projection(hn, w_gate, adapters, "gate", 1, dt)
+      gated = act(jax.nn.silu(gate) * _projection(hn, w_up, adapters, "up", 1, dt), "mlp")
+      return act(xp + _projection(gated, w_down, adapters, "down", 1, dt), "act_embed")
+
+    parts = each(mlp, parts)
+    return (parts if split else parts[0], cache), None
+
+  def _attention(self, q, k, v, layer_idx, kv_mask_bs, cache_index, cache, prefix):
+    """(attn [b, t, heads, head_dim], updated cache or None) of one array of queries (see `Transformer.__call__`)."""
+    cfg, dt = self.cfg, self.cfg.dtype
+    b, t, h, dh = q.shape
+    kvh = cfg.n_kv_heads
     groups = h // kvh
-    b = q.shape[0]
     q_slot = cache_index + jnp.arange(t)
     if cache is None:  # a full forward (training): keys and values as projected, [b, t, kv_heads, head_dim]
-      q5 = q.reshape(b, t, kvh, groups, dh)
-      scores = jnp.einsum("btkgd,bskd->bkgts", q5, k, preferred_element_type=jnp.float32) / np.sqrt(dh)
-      s = t
-    else:
-      # The cache's layouts (see KVCache) and batched matmuls in canonical form ([b, kv_heads] batch, the queries
-      # of a head group as rows), which XLA:CPU hands to its matmul library as they are.
-      cache = KVCache(
-          jax.lax.dynamic_update_slice(cache.k, k.transpose(0, 2, 3, 1)[None].astype(cache.k.dtype),
-                                       (layer_idx, 0, 0, 0, cache_index)),
-          jax.lax.dynamic_update_slice(cache.v, v.transpose(0, 2, 1, 3)[None].astype(cache.v.dtype),
-                                       (layer_idx, 0, 0, cache_index, 0)))
-      s = cache.k.shape[-1] if self.attend_slots is None else self.attend_slots
-      keys = jax.lax.dynamic_index_in_dim(cache.k, layer_idx, 0, keepdims=False)[..., :s].astype(dt)
-      values = jax.lax.dynamic_index_in_dim(cache.v, layer_idx, 0, keepdims=False)[:, :, :s].astype(dt)
-      q_bkmd = q.reshape(b, t, kvh, groups, dh).transpose(0, 2, 3, 1, 4).reshape(b, kvh, groups * t, dh)
-      scores = jnp.matmul(q_bkmd, keys, preferred_element_type=jnp.float32) / np.sqrt(dh)
-      scores = scores.reshape(b, kvh, groups, t, s)
+      allowed = (jnp.arange(t)[None, :] <= q_slot[:, None])[None] & kv_mask_bs[:, None, :].astype(bool)
+      return _masked_attention(q, k, v, allowed), None
+    # The cache's layouts (see KVCache) and batched matmuls in canonical form ([b, kv_heads] batch, the queries
+    # of a head group as rows), which XLA:CPU hands to its matmul library as they are.
+    cache = KVCache(
+        jax.lax.dynamic_update_slice(cache.k, k.transpose(0, 2, 3, 1)[None].astype(cache.k.dtype),
+                                     (layer_idx, 0, 0, 0, cache_index)),
+        jax.lax.dynamic_update_slice(cache.v, v.transpose(0, 2, 1, 3)[None].astype(cache.v.dtype),
+                                     (layer_idx, 0, 0, cache_index, 0)))
+    s = cache.k.shape[-1] if self.attend_slots is None else self.attend_slots
+    keys = jax.lax.dynamic_index_in_dim(cache.k, layer_idx, 0, keepdims=False)[..., :s].astype(dt)
+    values = jax.lax.dynamic_index_in_dim(cache.v, layer_idx, 0, keepdims=False)[:, :, :s].astype(dt)
+    q_bkmd = q.reshape(b, t, kvh, groups, dh).transpose(0, 2, 3, 1, 4).reshape(b, kvh, groups * t, dh)
+    scores = jnp.matmul(q_bkmd, keys, preferred_element_type=jnp.float32) / np.sqrt(dh)
+    scores = scores.reshape(b, kvh, groups, t, s)
     allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & kv_mask_bs[:, None, :s].astype(bool)  # [b,t,s]
     if prefix is not None:  # a shared prefix before every row's own slots, all of it attended to
       # every row shares the prefix's keys: one matmul per kv head, with all rows' queries as its rows
@@ -204,31 +271,12 @@ class Block(nn.Module):
       allowed = jnp.concatenate([jnp.ones((b, t, p), bool), allowed], axis=-1)
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # [b, kv_heads, groups, t, (prefix +) s]
-    if cache is None:
-      attn = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(q.shape)
-    else:
-      attn = jnp.matmul(probs[..., -s:].reshape(b, kvh, groups * t, s), values)
-      if prefix is not None:  # the prefix's part: again one matmul per kv head for all rows
-        probs_pre = probs[..., :-s].transpose(1, 0, 2, 3, 4).reshape(kvh, b * groups * t, -1)
-        pre_attn = jnp.matmul(probs_pre, prefix.v[0].astype(dt)).reshape(kvh, b, groups * t, dh)
-        attn = attn + pre_attn.transpose(1, 0, 2, 3)
-      attn = attn.reshape(b, kvh, groups, t, dh).transpose(0, 3, 1, 2, 4).reshape(q.shape)
-    attn = parallel.constrain(attn, ("batch", "length", "heads", "head_dim"), mesh)
-    x = x + _projection(attn, wo, adapters, "o", 2, dt)
-    x = parallel.constrain(x, ("batch", "length", "act_embed"), mesh)
-
-    # --- SwiGLU MLP
-    mlp_norm = _param(self, "mlp_norm", (d,), ("norm",), ones)
-    w_gate = _param(self, "gate", (d, f), ("embed", "mlp"), dense)
-    w_up = _param(self, "up", (d, f), ("embed", "mlp"), dense)
-    w_down = _param(self, "down", (f, d), ("mlp", "embed"), dense)
-    hn = rms_norm(x, mlp_norm, cfg.rms_eps)
-    gate = _projection(hn, w_gate, adapters, "gate", 1, dt)
-    gated = jax.nn.silu(gate) * _projection(hn, w_up, adapters, "up", 1, dt)
-    gated = parallel.constrain(gated, ("batch", "length", "mlp"), mesh)
-    x = x + _projection(gated, w_down, adapters, "down", 1, dt)
-    x = parallel.constrain(x, ("batch", "length", "act_embed"), mesh)
-    return (x, cache), None
+    attn = jnp.matmul(probs[..., -s:].reshape(b, kvh, groups * t, s), values)
+    if prefix is not None:  # the prefix's part: again one matmul per kv head for all rows
+      probs_pre = probs[..., :-s].transpose(1, 0, 2, 3, 4).reshape(kvh, b * groups * t, -1)
+      pre_attn = jnp.matmul(probs_pre, prefix.v[0].astype(dt)).reshape(kvh, b, groups * t, dh)
+      attn = attn + pre_attn.transpose(1, 0, 2, 3)
+    return attn.reshape(b, kvh, groups, t, dh).transpose(0, 3, 1, 2, 4).reshape(q.shape), cache
 
 
 class Transformer(nn.Module):
@@ -240,7 +288,8 @@ class Transformer(nn.Module):
   def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array, kv_mask_bs: jax.Array,
                cache: KVCache | None = None, cache_index: jax.Array | int = 0,
                logit_idx_bn: jax.Array | None = None, adapters: dict | None = None,
-               attend_slots: int | None = None, prefix: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+               attend_slots: int | None = None, prefix: KVCache | None = None,
+               shared_prefix: int = 0) -> tuple[jax.Array, KVCache | None]:
     """tokens/positions [b, t]; kv_mask [b, s] (s = t without a cache, else the cache's slots).
 
     `logit_idx_bn` picks the positions (indices into t) whose logits are computed; None computes all t.
@@ -250,16 +299,35 @@ class Transformer(nn.Module):
     `prefix` (with a cache): keys and values of a prefix every row shares ([layers, 1, ...] in KVCache's layouts,
     e.g. the chat template and system prompt), stored once and attended to in full before the row's own cache slots
     (`kv_mask` covers those only; positions count the prefix). The prefix's scores are one matmul for all rows.
+    `shared_prefix` (static, without a cache: training): every row's first this many tokens are the same (e.g. the
+    chat template's default system turn; row 0's tokens and positions serve all rows, every one of them a real key),
+    so they run through the layers once, as a batch of one, and every row attends to that copy — the same logits,
+    without paying for the prefix b times. The caller guarantees the rows agree there.
     """
     cfg, mesh = self.cfg, self.mesh
     embed = _param(self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
                    nn.initializers.normal(0.02))
-    x = jnp.take(embed, tokens_bt, axis=0).astype(cfg.dtype)
-    x = parallel.constrain(x, ("batch", "length", "act_embed"), mesh)
+    inv_freq = jnp.asarray(rope_inv_freq(cfg))
 
-    freqs = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
-    cos, sin = jnp.cos(freqs), jnp.sin(freqs)
-    cos, sin = jnp.concatenate([cos, cos], -1), jnp.concatenate([sin, sin], -1)
+    def embed_part(tokens, positions):
+      """Embeddings and RoPE cos/sin of tokens [b, t]."""
+      x = jnp.take(embed, tokens, axis=0).astype(cfg.dtype)
+      x = parallel.constrain(x, ("batch", "length", "act_embed"), mesh)
+      freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+      cos, sin = jnp.cos(freqs), jnp.sin(freqs)
+      return x, jnp.concatenate([cos, cos], -1), jnp.concatenate([sin, sin], -1)
+
+    b, t, p = tokens_bt.shape[0], tokens_bt.shape[1], shared_prefix
+    if p:
+      if cache is not None or prefix is not None:
+        raise ValueError("shared_prefix: for a full forward without a cache (training); a cached call takes `prefix`")
+      if not 0 < p < t:
+        raise ValueError(f"shared_prefix={p}: expected fewer than the {t} tokens of a row")
+      (xp, cos_p, sin_p), (xs, cos_s, sin_s) = (embed_part(tokens_bt[:1, :p], positions_bt[:1, :p]),
+                                                embed_part(tokens_bt[:, p:], positions_bt[:, p:]))
+      x, cos, sin, kv_mask_bs = (xp, xs), (cos_p, cos_s), (sin_p, sin_s), kv_mask_bs[:, p:]
+    else:
+      x, cos, sin = embed_part(tokens_bt, positions_bt)
 
     block = Block
     if cfg.remat_policy != "none":
@@ -276,6 +344,8 @@ class Transformer(nn.Module):
     (x, cache), _ = layers(cfg, mesh, attend_slots, name="layers")(
         (x, cache), jnp.arange(cfg.n_layers), cos, sin, kv_mask_bs, jnp.asarray(cache_index, jnp.int32),
         layer_adapters, prefix)
+    if p:  # the rows again in full, [b, t, d] (cheap next to any layer)
+      x = jnp.concatenate([jnp.broadcast_to(x[0], (b, p, cfg.d_model)), x[1]], axis=1)
 
     if logit_idx_bn is not None:  # the vocab projection only where logits are needed
       x = jnp.take_along_axis(x, logit_idx_bn[..., None], axis=1)

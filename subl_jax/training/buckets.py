@@ -10,6 +10,9 @@ Arrays of a step ([accum, micro, ...], right-padded):
   tokens, positions, kv_mask  [A, M, T]  inputs (the sequence without its last token), key mask (1 = real token)
   logit_idx, targets, weights [A, M, N]  the input positions whose next token is a target, that token, and 1/0
 With a teacher view (distillation) the same keys prefixed `teacher_`, aligned on the N axis.
+
+Rows that all begin with the same tokens (the chat template's system turn: 24 of SmolLM2's ~150-token number
+examples) have that prefix run once per step (`shared_prefix`, the model's `shared_prefix`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
+from subl_jax.sampling.generation import common_prefix_len
 from subl_jax.training.chat_data import ChatDataset, Example
 
 WINDOW = 32          # steps per sort window
@@ -40,6 +44,17 @@ def epoch_steps(lengths: Sequence[int], global_batch: int, seed: int, epoch: int
     steps += [chunk[i:i + global_batch] for i in range(0, len(chunk), global_batch)]
   steps = [steps[i] for i in rng.permutation(len(steps))]
   return [np.pad(s, (0, global_batch - len(s)), constant_values=-1) for s in steps]
+
+
+def shared_prefix(examples: Sequence[Example]) -> int:
+  """Leading input tokens every example shares before its first loss position: the prefix a step runs once.
+
+  0 when shorter than one length bucket (it would save less than a step's padding)."""
+  if not examples:
+    return 0
+  first_logit = min(int(np.argmax(e.mask[1:])) for e in examples)  # input j predicts token j + 1
+  p = min(common_prefix_len([e.tokens[:-1] for e in examples]), first_logit)
+  return p if p >= LENGTH_BUCKET else 0
 
 
 def _collate(examples: Sequence[Example | None], n: int, pad_id: int) -> dict[str, np.ndarray]:

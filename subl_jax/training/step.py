@@ -43,6 +43,8 @@ class StepSpec:
   lora: LoraConfig | None = None
   distill: DistillSpec | None = None
   teacher_cfg: ModelConfig | None = None  # defaults to model_cfg
+  shared_prefix: int = 0          # leading input tokens every row shares, run once (see `buckets.shared_prefix`)
+  teacher_shared_prefix: int = 0  # the same for the teacher's view
 
 
 def _trainable_shapes(spec: StepSpec) -> Any:
@@ -107,14 +109,14 @@ def micro_loss(spec: StepSpec, mesh: Mesh | None) -> Callable:
     else:
       params, adapters = frozen, scaled(trainable, spec.lora)
     logits, _ = module.apply({"params": params}, mb["tokens"], mb["positions"], mb["kv_mask"],
-                             logit_idx_bn=mb["logit_idx"], adapters=adapters)
+                             logit_idx_bn=mb["logit_idx"], adapters=adapters, shared_prefix=spec.shared_prefix)
     if spec.distill is None:
       loss_bn = losses.token_nll(logits, mb["targets"])
     else:
       d = spec.distill
       teacher_logits, _ = teacher_module.apply(
           {"params": teacher_params}, mb["teacher_tokens"], mb["teacher_positions"], mb["teacher_kv_mask"],
-          logit_idx_bn=mb["teacher_logit_idx"])
+          logit_idx_bn=mb["teacher_logit_idx"], shared_prefix=spec.teacher_shared_prefix)
       ids = None if d.token_ids is None else jnp.asarray(np.asarray(d.token_ids, np.int32))
       loss_bn = losses.kd_token_loss(logits, teacher_logits, d.temperature, d.kd_tokens, d.topk, ids)
     return losses.masked_sum(loss_bn, mb["weights"])

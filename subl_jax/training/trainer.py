@@ -39,17 +39,27 @@ def lora_config(train_cfg: Any) -> LoraConfig | None:
   return LoraConfig.parse(c.rank, c.alpha, c.targets)
 
 
+def _computed(lengths_am: np.ndarray, shared_prefix: int) -> tuple[int, int]:
+  """(input tokens, causal attention pairs) a step computes for rows of these lengths ([accum, micro]): a shared
+  prefix runs once per micro-batch, not once per row."""
+  rows = (lengths_am > 0).sum()
+  once = rows - (lengths_am > 0).any(-1).sum() if shared_prefix else 0  # copies of the prefix not computed
+  p = shared_prefix
+  return (int(lengths_am.sum() - once * p),
+          flops.causal_pairs(lengths_am.ravel()) - int(once) * p * (p + 1) // 2)
+
+
 def _step_cost(batch: dict[str, np.ndarray], spec: step_lib.StepSpec) -> tuple[int, int, float]:
-  """(real input tokens, examples, analytic FLOPs) of a host batch."""
-  lengths = batch["kv_mask"].sum(-1).ravel()
+  """(real input tokens, examples, analytic FLOPs) of a host batch; the FLOPs count what the step computes (a shared
+  prefix once per micro-batch)."""
+  lengths = batch["kv_mask"].sum(-1)
   n_logits = int(batch["weights"].sum())
   lora = spec.lora
-  cost = flops.train_flops(spec.model_cfg, int(lengths.sum()), flops.causal_pairs(lengths), n_logits,
+  cost = flops.train_flops(spec.model_cfg, *_computed(lengths, spec.shared_prefix), n_logits,
                            lora.rank if lora else 0, lora.targets if lora else ())
   if spec.distill is not None:  # the teacher's forward pass on its own context
-    t_lengths = batch["teacher_kv_mask"].sum(-1).ravel()
-    cost += flops.forward_flops(spec.teacher_cfg or spec.model_cfg, int(t_lengths.sum()),
-                                flops.causal_pairs(t_lengths), n_logits)
+    cost += flops.forward_flops(spec.teacher_cfg or spec.model_cfg,
+                                *_computed(batch["teacher_kv_mask"].sum(-1), spec.teacher_shared_prefix), n_logits)
   return int(lengths.sum()), int((batch["weights"].sum(-1) > 0).sum()), cost
 
 
@@ -80,7 +90,9 @@ def train(model: api.Model, ds: ChatDataset, train_cfg: Any, run_dir: str | path
     raise ValueError(f"config.train.batch_size={cfg.batch_size}: must be a multiple of the data-parallel size "
                      f"mesh.data × mesh.fsdp = {dp}")
   lora = lora_config(cfg)
-  spec = step_lib.StepSpec(model.config, lora, distill, teacher.config if teacher is not None else None)
+  spec = step_lib.StepSpec(model.config, lora, distill, teacher.config if teacher is not None else None,
+                           buckets.shared_prefix(ds.examples),
+                           buckets.shared_prefix(ds.teacher) if distill is not None else 0)
   global_batch = cfg.batch_size * cfg.grad_accum
   spe = batching.steps_per_epoch(len(ds), global_batch)
   total = spe * cfg.epochs
@@ -168,7 +180,8 @@ def train(model: api.Model, ds: ChatDataset, train_cfg: Any, run_dir: str | path
     bar.close()
   rows = metrics_log.read(run_dir) if jax.process_index() == 0 else []
   summary = dict(steps=total, steps_per_epoch=spe, epochs=cfg.epochs, resumed_from=start,
-                 examples=len(ds), global_batch=global_batch, lora=dataclasses.asdict(lora) if lora else None,
+                 examples=len(ds), global_batch=global_batch, shared_prefix=spec.shared_prefix,
+                 lora=dataclasses.asdict(lora) if lora else None,
                  distill=dataclasses.asdict(distill) | {"token_ids": None} if distill else None,
                  final_loss=rows[-1]["loss"] if rows else None, first_loss=rows[0]["loss"] if rows else None,
                  data=ds.summary())
