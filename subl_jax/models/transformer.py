@@ -132,14 +132,21 @@ def _projection(x: jax.Array, w: jax.Array, adapters: dict | None, name: str, n_
 
 
 def _masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed_bts: jax.Array) -> jax.Array:
-  """Softmax attention without a cache: q [b, t, heads, hd], k and v [b, s, kv_heads, hd], `allowed` [b, t, s]."""
+  """Softmax attention without a cache: q [b, t, heads, hd], k and v [b, s, kv_heads, hd], `allowed` [b, t, s].
+
+  As batched matmuls in canonical form ([b, kv_heads] batch, a head group's queries as rows, like the cached path):
+  q, k, v and the output are transposed once each, the [.., t, s] scores and probabilities never (with einsums over
+  [b, t, kv_heads, groups, hd], XLA:CPU copied the scores into and out of the dot's layout; SmolLM2 train step
+  fwd+bwd, in-process A/B: 6 % faster median at batch 16 × 152 tokens)."""
   b, t, h, dh = q.shape
-  kvh = k.shape[2]
-  q5 = q.reshape(b, t, kvh, h // kvh, dh)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q5, k, preferred_element_type=jnp.float32) / np.sqrt(dh)
-  scores = jnp.where(allowed_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  s, kvh = k.shape[1], k.shape[2]
+  g = h // kvh
+  q_bkmd = q.reshape(b, t, kvh, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, dh)
+  scores = jnp.matmul(q_bkmd, k.transpose(0, 2, 3, 1), preferred_element_type=jnp.float32) / np.sqrt(dh)
+  scores = jnp.where(allowed_bts[:, None, None], scores.reshape(b, kvh, g, t, s), jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-  return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(q.shape)
+  attn = jnp.matmul(probs.reshape(b, kvh, g * t, s), v.transpose(0, 2, 1, 3))
+  return attn.reshape(b, kvh, g, t, dh).transpose(0, 3, 1, 2, 4).reshape(q.shape)
 
 
 def _causal(t: int) -> jax.Array:
