@@ -49,7 +49,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
-from subl_jax import api, config, flops, parallel  # noqa: E402
+from subl_jax import api, config, flops, parallel, stats  # noqa: E402
 from subl_jax.checkpoints import fetch  # noqa: E402
 from subl_jax.data.numbers import generate_prompts  # noqa: E402
 from subl_jax.models.config import ModelConfig  # noqa: E402
@@ -244,7 +244,16 @@ def compare(name: str, ours: Ours, theirs: Theirs, n_examples: int, peak: float,
              theirs=side(t_theirs, c_theirs, theirs.padding), matmul_rate_during_run=during,
              matmul_flop_per_cpu_second=per_cpu_s, warm_up=warm, step_seconds=per_step)
   out["ratio"] = out["ours"]["examples_per_s"] / out["theirs"]["examples_per_s"]
+  out["ratio_per_step"] = paired_ratio(per_step)
   return out
+
+
+def paired_ratio(per_step: list[tuple[float, float]]) -> dict:
+  """Theirs / ours step time over the paired (alternating) steps: geometric mean with a 95 % t-interval on the log
+  ratios (`subl_jax.stats`). Single steps of either side swing by ±20 % on this shared CPU; the interval says how
+  far the run's `ratio` can be trusted."""
+  s = stats.mean_ci(np.log([theirs / ours for ours, theirs in per_step]))
+  return dict(geometric_mean=float(np.exp(s["mean"])), ci95=[float(np.exp(x)) for x in s["ci95"]], n=s["n"])
 
 
 def main() -> None:
@@ -310,7 +319,9 @@ def main() -> None:
     print(f"{name}: ours {r['ours']['examples_per_s']:.3f} ex/s ({r['ours']['tokens_per_s']:.1f} tok/s, "
           f"MFU {r['ours']['mfu']:.1%}, {r['ours']['mfu_vs_rate_during_run']:.1%} of the rate during the run) | "
           f"theirs {r['theirs']['examples_per_s']:.3f} ex/s "
-          f"({r['theirs']['tokens_per_s']:.1f} tok/s, MFU {r['theirs']['mfu']:.1%}) | ratio {r['ratio']:.3f}",
+          f"({r['theirs']['tokens_per_s']:.1f} tok/s, MFU {r['theirs']['mfu']:.1%}) | ratio {r['ratio']:.3f} "
+          f"(per step: {r['ratio_per_step']['geometric_mean']:.3f}, 95 % CI "
+          f"{r['ratio_per_step']['ci95'][0]:.3f}-{r['ratio_per_step']['ci95'][1]:.3f})",
           flush=True)
     del ours, theirs
     if device == "cuda":
