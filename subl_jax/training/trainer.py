@@ -42,11 +42,9 @@ def lora_config(train_cfg: Any) -> LoraConfig | None:
 def _computed(lengths_am: np.ndarray, shared_prefix: int) -> tuple[int, int]:
   """(input tokens, causal attention pairs) a step computes for rows of these lengths ([accum, micro]): a shared
   prefix runs once per micro-batch, not once per row."""
-  rows = (lengths_am > 0).sum()
-  once = rows - (lengths_am > 0).any(-1).sum() if shared_prefix else 0  # copies of the prefix not computed
-  p = shared_prefix
-  return (int(lengths_am.sum() - once * p),
-          flops.causal_pairs(lengths_am.ravel()) - int(once) * p * (p + 1) // 2)
+  p, real = shared_prefix, lengths_am > 0
+  skipped = int(real.sum() - real.any(-1).sum()) if p else 0  # copies of the prefix not computed
+  return int(lengths_am.sum()) - skipped * p, flops.causal_pairs(lengths_am.ravel()) - skipped * p * (p + 1) // 2
 
 
 def _step_cost(batch: dict[str, np.ndarray], spec: step_lib.StepSpec) -> tuple[int, int, float]:
