@@ -131,21 +131,41 @@ def _projection(x: jax.Array, w: jax.Array, adapters: dict | None, name: str, n_
   return y + dense(dense(x, a, n_in, dtype), b, 1, dtype).astype(y.dtype)
 
 
-def _masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed_bts: jax.Array) -> jax.Array:
-  """Softmax attention without a cache: q [b, t, heads, hd], k and v [b, s, kv_heads, hd], `allowed` [b, t, s].
+def _kv_layout(k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Keys and values as projected ([b, s, kv_heads, hd]) in the layouts attention reads them (KVCache's): keys
+  [b, kv_heads, hd, s], values [b, kv_heads, s, hd]."""
+  return k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
 
-  As batched matmuls in canonical form ([b, kv_heads] batch, a head group's queries as rows, like the cached path):
-  q, k, v and the output are transposed once each, the [.., t, s] scores and probabilities never (with einsums over
-  [b, t, kv_heads, groups, hd], XLA:CPU copied the scores into and out of the dot's layout; SmolLM2 train step
-  fwd+bwd, in-process A/B: 6 % faster median at batch 16 × 152 tokens)."""
+
+def _masked_attention(q: jax.Array, keys: jax.Array, values: jax.Array, allowed_bts: jax.Array,
+                      prefix: KVCache | None = None) -> jax.Array:
+  """Softmax attention: q [b, t, heads, hd]; keys, values [b, kv_heads, .., s] in `_kv_layout`; `allowed` [b, t, s].
+  With `prefix` (keys and values one batch row holds for all rows, [1, ...] in the same layouts), every query also
+  attends to all of it, before its own keys.
+
+  Batched matmuls in canonical form ([b, kv_heads] batch, a head group's queries as rows), which XLA:CPU hands to
+  its matmul library as they are: q and the output are transposed once each, the [.., t, s] scores and probabilities
+  never (with einsums over [b, t, kv_heads, groups, hd] XLA:CPU copied the scores into and out of the dot's layout;
+  SmolLM2 train step fwd+bwd, in-process A/B: 6 % faster median at batch 16 × 152 tokens)."""
   b, t, h, dh = q.shape
-  s, kvh = k.shape[1], k.shape[2]
+  kvh, s = keys.shape[1], keys.shape[-1]
   g = h // kvh
   q_bkmd = q.reshape(b, t, kvh, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, dh)
-  scores = jnp.matmul(q_bkmd, k.transpose(0, 2, 3, 1), preferred_element_type=jnp.float32) / np.sqrt(dh)
-  scores = jnp.where(allowed_bts[:, None, None], scores.reshape(b, kvh, g, t, s), jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-  attn = jnp.matmul(probs.reshape(b, kvh, g * t, s), v.transpose(0, 2, 1, 3))
+  scores = jnp.matmul(q_bkmd, keys, preferred_element_type=jnp.float32) / np.sqrt(dh)
+  scores = scores.reshape(b, kvh, g, t, s)
+  if prefix is not None:  # every row shares the prefix's keys: one matmul per kv head, all rows' queries its rows
+    p = prefix.k.shape[-1]
+    q_km = q_bkmd.transpose(1, 0, 2, 3).reshape(kvh, b * g * t, dh)
+    pre = jnp.matmul(q_km, prefix.k[0].astype(q.dtype), preferred_element_type=jnp.float32) / np.sqrt(dh)
+    scores = jnp.concatenate([pre.reshape(kvh, b, g, t, p).transpose(1, 0, 2, 3, 4), scores], axis=-1)
+    allowed_bts = jnp.concatenate([jnp.ones((b, t, p), bool), allowed_bts], axis=-1)
+  scores = jnp.where(allowed_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # [b, kv_heads, groups, t, (prefix +) s]
+  attn = jnp.matmul(probs[..., -s:].reshape(b, kvh, g * t, s), values)
+  if prefix is not None:  # the prefix's part: again one matmul per kv head for all rows
+    probs_pre = probs[..., :-s].transpose(1, 0, 2, 3, 4).reshape(kvh, b * g * t, -1)
+    pre_attn = jnp.matmul(probs_pre, prefix.v[0].astype(q.dtype)).reshape(kvh, b, g * t, dh)
+    attn = attn + pre_attn.transpose(1, 0, 2, 3)
   return attn.reshape(b, kvh, g, t, dh).transpose(0, 3, 1, 2, 4).reshape(q.shape)
 
 
@@ -165,11 +185,11 @@ def _shared_prefix_attention(qkv_prefix: tuple, qkv_rows: tuple, kv_mask_bs: jax
   q, k, v = qkv_rows
   b, s = q.shape[:2]
   p = kp.shape[1]
-  attn_p = _masked_attention(qp, kp, vp, _causal(p)[None])
+  attn_p = _masked_attention(qp, *_kv_layout(kp, vp), _causal(p)[None])
   rows = lambda pre, own: jnp.concatenate([jnp.broadcast_to(pre, (b,) + pre.shape[1:]), own], axis=1)
   allowed = jnp.concatenate([jnp.ones((b, s, p), bool), _causal(s)[None] & kv_mask_bs.astype(bool)[:, None, :]],
                             axis=-1)
-  return attn_p, _masked_attention(q, rows(kp, k), rows(vp, v), allowed)
+  return attn_p, _masked_attention(q, *_kv_layout(rows(kp, k), rows(vp, v)), allowed)
 
 
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], names: tuple[str, ...], init) -> jax.Array:
@@ -221,8 +241,7 @@ class Block(nn.Module):
       return act(apply_rope(q, cos, sin), "heads", "head_dim"), apply_rope(k, cos, sin), v
 
     if split:
-      attn_parts = _shared_prefix_attention(qkv(parts[0], cos_parts[0], sin_parts[0]),
-                                            qkv(parts[1], cos_parts[1], sin_parts[1]), kv_mask_bs)
+      attn_parts = _shared_prefix_attention(*each(qkv, parts, cos_parts, sin_parts), kv_mask_bs)
     else:
       attn, cache = self._attention(*qkv(x, cos_btd, sin_btd), layer_idx, kv_mask_bs, cache_index, cache, prefix)
       attn_parts = (attn,)
@@ -246,44 +265,21 @@ class Block(nn.Module):
 
   def _attention(self, q, k, v, layer_idx, kv_mask_bs, cache_index, cache, prefix):
     """(attn [b, t, heads, head_dim], updated cache or None) of one array of queries (see `Transformer.__call__`)."""
-    cfg, dt = self.cfg, self.cfg.dtype
-    b, t, h, dh = q.shape
-    kvh = cfg.n_kv_heads
-    groups = h // kvh
+    t = q.shape[1]
     q_slot = cache_index + jnp.arange(t)
-    if cache is None:  # a full forward (training): keys and values as projected, [b, t, kv_heads, head_dim]
+    if cache is None:  # a full forward (training): the keys and values as projected
       allowed = (jnp.arange(t)[None, :] <= q_slot[:, None])[None] & kv_mask_bs[:, None, :].astype(bool)
-      return _masked_attention(q, k, v, allowed), None
-    # The cache's layouts (see KVCache) and batched matmuls in canonical form ([b, kv_heads] batch, the queries
-    # of a head group as rows), which XLA:CPU hands to its matmul library as they are.
+      return _masked_attention(q, *_kv_layout(k, v), allowed), None
+    k, v = _kv_layout(k, v)
+    dt = self.cfg.dtype
     cache = KVCache(
-        jax.lax.dynamic_update_slice(cache.k, k.transpose(0, 2, 3, 1)[None].astype(cache.k.dtype),
-                                     (layer_idx, 0, 0, 0, cache_index)),
-        jax.lax.dynamic_update_slice(cache.v, v.transpose(0, 2, 1, 3)[None].astype(cache.v.dtype),
-                                     (layer_idx, 0, 0, cache_index, 0)))
+        jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), (layer_idx, 0, 0, 0, cache_index)),
+        jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), (layer_idx, 0, 0, cache_index, 0)))
     s = cache.k.shape[-1] if self.attend_slots is None else self.attend_slots
     keys = jax.lax.dynamic_index_in_dim(cache.k, layer_idx, 0, keepdims=False)[..., :s].astype(dt)
     values = jax.lax.dynamic_index_in_dim(cache.v, layer_idx, 0, keepdims=False)[:, :, :s].astype(dt)
-    q_bkmd = q.reshape(b, t, kvh, groups, dh).transpose(0, 2, 3, 1, 4).reshape(b, kvh, groups * t, dh)
-    scores = jnp.matmul(q_bkmd, keys, preferred_element_type=jnp.float32) / np.sqrt(dh)
-    scores = scores.reshape(b, kvh, groups, t, s)
     allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & kv_mask_bs[:, None, :s].astype(bool)  # [b,t,s]
-    if prefix is not None:  # a shared prefix before every row's own slots, all of it attended to
-      # every row shares the prefix's keys: one matmul per kv head, with all rows' queries as its rows
-      p = prefix.k.shape[-1]
-      q_km = q_bkmd.transpose(1, 0, 2, 3).reshape(kvh, b * groups * t, dh)
-      pre = jnp.matmul(q_km, prefix.k[0].astype(dt), preferred_element_type=jnp.float32) / np.sqrt(dh)
-      pre = pre.reshape(kvh, b, groups, t, p).transpose(1, 0, 2, 3, 4)
-      scores = jnp.concatenate([pre, scores], axis=-1)
-      allowed = jnp.concatenate([jnp.ones((b, t, p), bool), allowed], axis=-1)
-    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # [b, kv_heads, groups, t, (prefix +) s]
-    attn = jnp.matmul(probs[..., -s:].reshape(b, kvh, groups * t, s), values)
-    if prefix is not None:  # the prefix's part: again one matmul per kv head for all rows
-      probs_pre = probs[..., :-s].transpose(1, 0, 2, 3, 4).reshape(kvh, b * groups * t, -1)
-      pre_attn = jnp.matmul(probs_pre, prefix.v[0].astype(dt)).reshape(kvh, b, groups * t, dh)
-      attn = attn + pre_attn.transpose(1, 0, 2, 3)
-    return attn.reshape(b, kvh, groups, t, dh).transpose(0, 3, 1, 2, 4).reshape(q.shape), cache
+    return _masked_attention(q, keys, values, allowed, prefix), cache
 
 
 class Transformer(nn.Module):
