@@ -93,6 +93,17 @@ def test_completion_targets_only_and_prompt_positions_get_zero_gradient(smollm2_
   assert np.all(g[weights[0] == 0] == 0) and np.all(g[weights[0] == 1] > 0)
 
 
+def test_token_nll_with_the_vocabulary_first_or_last():
+  logits = jax.random.normal(jax.random.key(1), (3, 5, 11)) * 3
+  targets = jax.random.randint(jax.random.key(2), (3, 5), 0, 11)
+  want = -np.take_along_axis(np.asarray(jax.nn.log_softmax(logits, -1)), np.asarray(targets)[..., None], -1)[..., 0]
+  np.testing.assert_allclose(losses.token_nll(logits, targets), want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(losses.token_nll(jnp.moveaxis(logits, -1, 0), targets, vocab_axis=0), want,
+                             rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="vocab_axis=1"):
+    losses.token_nll(logits, targets, vocab_axis=1)
+
+
 def test_sum_over_sum_one_batch_equals_accumulated_micro_batches(tiny_params):
   ds = synthetic_dataset(64, seed=1)
   spec = step_lib.StepSpec(TINY)

@@ -283,7 +283,8 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-  """The decoder. `__call__` returns (logits [b, n, vocab] in float32, updated cache or None)."""
+  """The decoder. `__call__` returns (logits [b, n, vocab] in float32 — [vocab, b, n] with `vocab_first` — and the
+  updated cache or None)."""
   cfg: ModelConfig
   mesh: Mesh | None = None
 
@@ -292,7 +293,7 @@ class Transformer(nn.Module):
                cache: KVCache | None = None, cache_index: jax.Array | int = 0,
                logit_idx_bn: jax.Array | None = None, adapters: dict | None = None,
                attend_slots: int | None = None, prefix: KVCache | None = None,
-               shared_prefix: int = 0) -> tuple[jax.Array, KVCache | None]:
+               shared_prefix: int = 0, vocab_first: bool = False) -> tuple[jax.Array, KVCache | None]:
     """tokens/positions [b, t]; kv_mask [b, s] (s = t without a cache, else the cache's slots).
 
     `logit_idx_bn` picks the positions (indices into t) whose logits are computed; None computes all t.
@@ -306,6 +307,10 @@ class Transformer(nn.Module):
     chat template's default system turn; row 0's tokens and positions serve all rows, every one of them a real key),
     so they run through the layers once, as a batch of one, and every row attends to that copy — the same logits,
     without paying for the prefix b times. The caller guarantees the rows agree there.
+    `vocab_first` (static): logits come as [vocab, b, n], from the vocabulary-major matmul (embedding @ x^T), for a
+    loss that reduces over axis 0 (`losses.token_nll(..., vocab_axis=0)`). On XLA:CPU that head, forward and backward
+    with the cross-entropy, ran 27 % faster than the [b, n, vocab] one (SmolLM2, 784 positions: 0.83 against 1.14 s);
+    transposing its output back costs more than it saves.
     """
     cfg, mesh = self.cfg, self.mesh
     embed = _param(self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
@@ -355,11 +360,15 @@ class Transformer(nn.Module):
     x = rms_norm(x, _param(self, "final_norm", (cfg.d_model,), ("norm",), nn.initializers.ones), cfg.rms_eps)
     x2 = x.reshape(-1, cfg.d_model)  # 2-D, as in `dense`
     if cfg.tie_embeddings:
-      logits = jnp.einsum("nd,vd->nv", x2, embed.astype(cfg.dtype), preferred_element_type=jnp.float32)
+      head, head_axes = embed, "vd"
     else:
-      head = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
-                    nn.initializers.normal(0.02))
-      logits = jnp.einsum("nd,dv->nv", x2, head.astype(cfg.dtype), preferred_element_type=jnp.float32)
+      head, head_axes = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                               nn.initializers.normal(0.02)), "dv"
+    if vocab_first:
+      logits = jnp.einsum(f"{head_axes},nd->vn", head.astype(cfg.dtype), x2, preferred_element_type=jnp.float32)
+      logits = logits.reshape((cfg.vocab_size,) + x.shape[:2])
+      return parallel.constrain(logits, ("vocab", "batch", "length"), mesh), cache
+    logits = jnp.einsum(f"nd,{head_axes}->nv", x2, head.astype(cfg.dtype), preferred_element_type=jnp.float32)
     logits = logits.reshape(x.shape[:2] + (cfg.vocab_size,))
     return parallel.constrain(logits, ("batch", "length", "vocab"), mesh), cache
 

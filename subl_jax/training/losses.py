@@ -19,11 +19,14 @@ def masked_sum(loss_bn: jax.Array, weights_bn: jax.Array) -> tuple[jax.Array, ja
   return jnp.sum(loss_bn.astype(jnp.float32) * w), jnp.sum(w)
 
 
-def token_nll(logits_bnv: jax.Array, targets_bn: jax.Array) -> jax.Array:
-  """-log p(target) per position, in float32."""
-  logits = logits_bnv.astype(jnp.float32)
-  picked = jnp.take_along_axis(logits, targets_bn[..., None], axis=-1)[..., 0]
-  return jax.nn.logsumexp(logits, axis=-1) - picked
+def token_nll(logits: jax.Array, targets_bn: jax.Array, vocab_axis: int = -1) -> jax.Array:
+  """-log p(target) per position [b, n], in float32; logits [b, n, vocab], or [vocab, b, n] with vocab_axis=0."""
+  if vocab_axis not in (0, -1, logits.ndim - 1):
+    raise ValueError(f"vocab_axis={vocab_axis}: expected 0 or -1 (the vocabulary first or last)")
+  axis = 0 if vocab_axis == 0 else -1
+  logits = logits.astype(jnp.float32)
+  picked = jnp.squeeze(jnp.take_along_axis(logits, jnp.expand_dims(targets_bn, axis), axis=axis), axis)
+  return jax.nn.logsumexp(logits, axis=axis) - picked
 
 
 def restricted_log_probs(logits_bnv: jax.Array, idx: jax.Array) -> jax.Array:
