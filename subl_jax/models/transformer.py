@@ -180,7 +180,9 @@ def _shared_prefix_attention(qkv_prefix: tuple, qkv_rows: tuple, kv_mask_bs: jax
   of each row ([b, s, ...]), attending to all of the prefix and causally to its own real keys (`kv_mask` [b, s]).
   Every row reads the prefix's one copy of keys and values (broadcast: the attention is a small part of the work,
   the projections that made them are not repeated), so under autodiff their gradients sum over the rows — the same
-  math as the batch with the prefix repeated in every row. Returns (attn of the prefix, of the rows)."""
+  math as the batch with the prefix repeated in every row. (The cached path's form, `_masked_attention(...,
+  prefix=...)`: one matmul per kv head for all rows, was 2 % slower here: SmolLM2 fwd+bwd, batch 16 × 152, 28
+  alternating rounds, 0.979 ± 0.016.) Returns (attn of the prefix, of the rows)."""
   qp, kp, vp = qkv_prefix
   q, k, v = qkv_rows
   b, s = q.shape[:2]
