@@ -11,9 +11,12 @@ MFU counts the same useful FLOPs for both (real tokens, causal attention, vocabu
 no frozen-weight gradients for LoRA, the prefix every row shares — the chat template's system turn, `shared_prefix`
 tokens — once per step, as ours computes it; `subl_jax.flops`) against the best f32 matmul rate measured in this run
 (`mfu`), and against the median rate measured between the timed steps (`mfu_vs_rate_during_run`): other users share
-this CPU, and the second figure compares with what the machine delivered while the steps ran. `mfu_per_cpu_second`
-divides by the CPU time the process got instead of wall time, against the matmul chain's FLOP per CPU-second (the
-process holds both frameworks, so idle threads of one that spin count against the other).
+this CPU, and the second figure compares with what the machine delivered while the steps ran. `gemm_floor`: the
+seconds our steps' matmuls take with XLA:CPU's kernels (each dot of the step's jaxpr compiled and timed on its own,
+`benchmarks/gemm_floor.py`; an estimate), the matmul rate measured just before and after it, and the MFU that would
+leave if nothing but the matmuls took time (`mfu_ceiling`). `mfu_per_cpu_second` divides by the CPU time the
+process got instead of wall time, against the matmul chain's FLOP per CPU-second (the process holds both
+frameworks, so idle threads of one that spin count against the other).
 
   python benchmarks/training.py [--steps 6] [--batch 16]
 Writes benchmarks/results/training.json (top-level `ratio`: ours / theirs, examples/s, full fine-tuning).
@@ -49,7 +52,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
-from subl_jax import api, config, flops, parallel, stats  # noqa: E402
+import gemm_floor  # noqa: E402
+from subl_jax import api, config, flops, parallel, stats, xla_cpu  # noqa: E402
 from subl_jax.checkpoints import fetch  # noqa: E402
 from subl_jax.data.numbers import generate_prompts  # noqa: E402
 from subl_jax.models.config import ModelConfig  # noqa: E402
@@ -127,6 +131,21 @@ class Ours:
   def flops(self, spec: step_lib.StepSpec | None = None) -> float:
     return sum(trainer._step_cost(buckets.collate_step(self.ds, idx, 1, 0), spec or self.spec)[2]
                for idx in self.steps)
+
+  def gemm_floor(self) -> dict:
+    """The timed steps' GEMM floor (`gemm_floor`): their matmuls alone, each timed compiled on its own with the
+    step's compiler options, summed over the steps."""
+    counts, cache = {}, {}
+    for idx in self.steps:
+      batch = step_lib.put_batch(self.collate(idx), self.model.mesh)
+      frozen = self.model.params if self.lora else None
+      once, _ = gemm_floor.count_dots(self.step_fn.trace(self.state, frozen, None, batch).jaxpr)
+      for key, n in once.items():
+        counts[key] = counts.get(key, 0) + n
+    seconds, rows = gemm_floor.floor(counts, xla_cpu.many_rows_options(), cache)
+    dot_flops = sum(r["count"] * r["seconds"] * r["gflop_per_s"] * 1e9 for r in rows)
+    return dict(seconds=seconds, dot_flops=dot_flops, dot_rate=dot_flops / seconds, distinct_dots=len(rows),
+                costliest=rows[:8])
 
 
 class Theirs:
@@ -231,6 +250,13 @@ def compare(name: str, ours: Ours, theirs: Theirs, n_examples: int, peak: float,
     print(f"  {name}: step ours {ta:6.2f} s  theirs {tb:6.2f} s  (matmul rate now {peaks[-1][0] / 1e9:.0f} GFLOP/s)",
           flush=True)
   useful = ours.flops()
+  around = [current_peak(*peak_args)[0]]
+  floor = ours.gemm_floor()
+  around.append(current_peak(*peak_args)[0])
+  floor.update(mfu_ceiling=useful / floor["seconds"] / peak,
+               mfu_ceiling_vs_rate_during_run=useful / floor["seconds"] / float(np.median([r for r, _ in peaks])),
+               step_seconds_over_floor=t_ours / floor["seconds"], matmul_rate_around=around,
+               dot_rate_over_rate_around=floor["dot_rate"] / float(np.mean(around)))
   tokens = ours.padding["real_tokens"]
   during = float(np.median([r for r, _ in peaks]))
   per_cpu_s = float(np.median([r for _, r in peaks]))
@@ -242,7 +268,7 @@ def compare(name: str, ours: Ours, theirs: Theirs, n_examples: int, peak: float,
              useful_flops_prefix_in_every_row=ours.flops(dataclasses.replace(ours.spec, shared_prefix=0)),
              ours=side(t_ours, c_ours, ours.padding),
              theirs=side(t_theirs, c_theirs, theirs.padding), matmul_rate_during_run=during,
-             matmul_flop_per_cpu_second=per_cpu_s, warm_up=warm, step_seconds=per_step)
+             matmul_flop_per_cpu_second=per_cpu_s, gemm_floor=floor, warm_up=warm, step_seconds=per_step)
   out["ratio"] = out["ours"]["examples_per_s"] / out["theirs"]["examples_per_s"]
   out["ratio_per_step"] = paired_ratio(per_step)
   return out
@@ -321,7 +347,9 @@ def main() -> None:
           f"theirs {r['theirs']['examples_per_s']:.3f} ex/s "
           f"({r['theirs']['tokens_per_s']:.1f} tok/s, MFU {r['theirs']['mfu']:.1%}) | ratio {r['ratio']:.3f} "
           f"(per step: {r['ratio_per_step']['geometric_mean']:.3f}, 95 % CI "
-          f"{r['ratio_per_step']['ci95'][0]:.3f}-{r['ratio_per_step']['ci95'][1]:.3f})",
+          f"{r['ratio_per_step']['ci95'][0]:.3f}-{r['ratio_per_step']['ci95'][1]:.3f}) | GEMM floor "
+          f"{r['gemm_floor']['seconds']:.1f} s of ours' {r['ours']['seconds']:.1f} s: MFU ceiling "
+          f"{r['gemm_floor']['mfu_ceiling']:.1%} ({r['gemm_floor']['mfu_ceiling_vs_rate_during_run']:.1%})",
           flush=True)
     del ours, theirs
     if device == "cuda":

@@ -7,7 +7,9 @@ slower one from about 512 rows on — a prefill's 6,144 rows: 136 against 173. P
 (sampling prefill, scoring contexts, the train step: batch × length rows) are therefore compiled with YNNPACK's
 fusions off; decoding keeps the default. For the train step (SmolLM2, batch 16 × 152 tokens) the gain is small: 2-7 %
 in three interleaved A/Bs in one process (the same step compiled both ways, run alternately; the CPU's noise is of the
-same order), and none in an earlier one.
+same order), and none in an earlier one. jaxlib also carries oneDNN (`xla_cpu_experimental_onednn_fusion_type=
+LIBRARY_FUSION_TYPE_DOT`, or `xla_cpu_use_onednn`): with it on top of YNNPACK off the train step took 6 % ± 2 %
+longer (8 alternating rounds, same gradients), so it stays off.
 Off CPU, or on a jaxlib without the option, nothing changes.
 """
 
@@ -42,16 +44,21 @@ def many_rows_options() -> dict[str, Any]:
 
 def jit_many_rows(fun: Callable | None = None, **jit_kwargs) -> Callable:
   """`jax.jit(fun, **jit_kwargs)` compiled with `many_rows_options()`; the backend is looked at on the first call,
-  not at import. Usable as a decorator, with or without keyword arguments."""
+  not at import. Usable as a decorator, with or without keyword arguments. `.trace(*args)` is the jitted function's
+  (`jax.make_jaxpr` refuses a jit with compiler options)."""
   if fun is None:
     return functools.partial(jit_many_rows, **jit_kwargs)
   jitted = None
 
-  @functools.wraps(fun)
-  def call(*args, **kwargs):
+  def get():
     nonlocal jitted
     if jitted is None:
       jitted = jax.jit(fun, compiler_options=many_rows_options() or None, **jit_kwargs)
-    return jitted(*args, **kwargs)
+    return jitted
 
+  @functools.wraps(fun)
+  def call(*args, **kwargs):
+    return get()(*args, **kwargs)
+
+  call.trace = lambda *args, **kwargs: get().trace(*args, **kwargs)
   return call

@@ -33,3 +33,9 @@ def test_jit_many_rows_computes_what_jit_computes():
   want = jax.jit(lambda a, b: jax.nn.relu(a @ b) * 2.0)(x, w)
   np.testing.assert_allclose(np.asarray(f(x, w, scale=2.0)), np.asarray(want), rtol=1e-5, atol=1e-5)
   assert f.__name__ == "f"
+
+
+def test_jit_many_rows_traces_like_jit():
+  f = xla_cpu.jit_many_rows(lambda a, b: jnp.tanh(a @ b))
+  x = jnp.ones((4, 3))
+  assert str(f.trace(x, x.T).jaxpr) == str(jax.jit(lambda a, b: jnp.tanh(a @ b)).trace(x, x.T).jaxpr)
