@@ -3,7 +3,9 @@ fusions off, `subl_jax.xla_cpu.many_rows_options`), float32, by number of rows.
 
 The measurement behind `subl_jax.xla_cpu`: which programs are compiled with YNNPACK off. The two are compiled in one
 process and timed interleaved (rounds of every shape x library), so a changing machine load hits both alike; the
-figure is the median over rounds.
+figure is the median over rounds. Each round also times the 1536^3 float32 matmul chain the sampling and training
+benchmarks measure MFU against, so every rate is also given as a fraction of that peak (`fraction_of_chain`, against
+the median chain rate): what a program of nothing but matmuls of that many rows could reach.
 
   python benchmarks/cpu_matmul.py [--rounds 5]   (writes benchmarks/results/cpu_matmul.json; ~2 min on 2 cores)
 """
@@ -53,7 +55,9 @@ def main() -> None:
       fns = {name: jax.jit(lambda a, b: a @ b).lower(x, w).compile(compiler_options=opts or None)
              for name, opts in libraries.items()}
       cases[(m, k, n)] = (x, w, fns, {name: [] for name in libraries})
+  chain = []
   for _ in range(args.rounds):
+    chain.append(common.jax_matmul_peak("float32", 1536) / 1e9)
     for (m, k, n), (x, w, fns, rates) in cases.items():
       reps = max(3, int(2e9 / (2 * m * k * n)))  # ~2 GFLOP per timing
       for name, fn in fns.items():
@@ -69,12 +73,15 @@ def main() -> None:
     sel = [r for r in rows if r["rows"] == m]
     by_rows[m] = {name: round(float(np.exp(np.mean([np.log(r["gflop_per_s"][name]) for r in sel]))), 1)
                   for name in libraries}
+  chain_median = float(np.median(chain))
+  fraction = {m: {name: round(v / chain_median, 3) for name, v in r.items()} for m, r in by_rows.items()}
   out = {"machine": common.machine(), "dtype": "float32", "rounds": args.rounds, "shapes": rows,
-         "geomean_gflop_per_s_by_rows": by_rows, "many_rows_options": libraries["eigen (ynnpack off)"]}
+         "geomean_gflop_per_s_by_rows": by_rows, "chain_gflop_per_s": [round(c, 1) for c in chain],
+         "fraction_of_chain_by_rows": fraction, "many_rows_options": libraries["eigen (ynnpack off)"]}
   path = pathlib.Path(args.out)
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(out, indent=2) + "\n")
-  print(json.dumps(by_rows), f"-> {path}")
+  print(json.dumps(by_rows), f"chain {chain_median:.0f} GFLOP/s;", json.dumps(fraction), f"-> {path}")
 
 
 if __name__ == "__main__":
