@@ -5,7 +5,8 @@ The measurement behind `subl_jax.xla_cpu`: which programs are compiled with YNNP
 process and timed interleaved (rounds of every shape x library), so a changing machine load hits both alike; the
 figure is the median over rounds. Each round also times the 1536^3 float32 matmul chain the sampling and training
 benchmarks measure MFU against, so every rate is also given as a fraction of that peak (`fraction_of_chain`, against
-the median chain rate): what a program of nothing but matmuls of that many rows could reach.
+the median chain rate): what a program of nothing but matmuls of that many rows could reach with its weights in
+cache (each shape reuses one weight; a decode step streams all the model's weights: `sampling_phases.py`).
 
   python benchmarks/cpu_matmul.py [--rounds 5]   (writes benchmarks/results/cpu_matmul.json; ~2 min on 2 cores)
 """
