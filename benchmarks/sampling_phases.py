@@ -104,17 +104,16 @@ def main() -> None:
       decode_share = fed / (fed + prompt_tokens)  # of the useful FLOPs, here
       frac = {k: v / chain for k, v in rates.items()}
       # 1 / fraction = sum over phases of (share of FLOPs / phase's fraction of chain)
-      bound = 1 / ((1 - decode_share) / frac["prefill"] + decode_share / frac["matmuls_only"])
+      run_fraction = lambda decode: 1 / ((1 - decode_share) / frac["prefill"] + decode_share / decode)
       decode_needed = decode_share / (1 / 0.8 - (1 - decode_share) / frac["prefill"])
       rnd["batches"][b] = {
           "prefill_s": round(prefill_s, 2), "decode_step_ms": round(step * 1e3, 1),
           "matmuls_only_ms": round(mm * 1e3, 1), "rest_of_decode_step_ms": round((step - mm) * 1e3, 1),
-          "prompt_tokens": prompt_tokens, "decode_flop_share": round(
-              decode_share, 3), "gflop_per_s": {k: round(v / 1e9, 1) for k, v in rates.items()},
+          "prompt_tokens": prompt_tokens, "decode_flop_share": round(decode_share, 3),
+          "gflop_per_s": {k: round(v / 1e9, 1) for k, v in rates.items()},
           "fraction_of_chain": {k: round(v, 3) for k, v in frac.items()},
-          "whole_run_fraction": round(1 / ((1 - decode_share) / frac["prefill"] + decode_share / frac["decode_step"]),
-                                      3),
-          "bound_if_decode_were_only_matmuls": round(bound, 3),
+          "whole_run_fraction": round(run_fraction(frac["decode_step"]), 3),
+          "bound_if_decode_were_only_matmuls": round(run_fraction(frac["matmuls_only"]), 3),
           "decode_fraction_needed_for_80pct": round(decode_needed, 3) if decode_needed > 0 else None}
       print(json.dumps({"b": b, "chain": rnd["chain_gflop_per_s"], **rnd["batches"][b]}), flush=True)
     out["rounds"].append(rnd)
