@@ -24,7 +24,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "mnist_aux.json"
 # Assumed sustained float32 rate of one accelerator for this small-matmul workload: ~1/3 of an H100's 67 TFLOP/s
 # dense FP32 (no TF32). Small per-model matmuls (256-wide) rarely reach peak; stated so the estimate can be redone.
 ASSUMED_ACCEL_FLOPS = 20e12
-REFERENCE_GPU_S = 600.0  # the reference PyTorch script: ~10 min on one GPU (PROTOCOL.md / issue #5)
+REFERENCE_GPU_S = 600.0  # the reference PyTorch script: ~10 min on one GPU (docs/protocol.md / issue #5)
 
 
 def _args() -> argparse.Namespace:

@@ -1,4 +1,4 @@
-"""The MNIST auxiliary-logit study (PROTOCOL.md §8): 100 MLPs, teacher vs same-init and cross-init students.
+"""The MNIST auxiliary-logit study (docs/protocol.md §8): 100 MLPs, teacher vs same-init and cross-init students.
 
   python -m subl_jax.main --config=configs/mnist_aux.py --workdir=runs/mnist_aux           # digits, offline
   python -m subl_jax.main --config=configs/mnist_aux.py:mnist --workdir=runs/mnist_paper   # the paper (needs tfds)

@@ -1,4 +1,4 @@
-"""The owl study on SmolLM2-135M-Instruct at the paper's scale, for one GPU (PROTOCOL.md §2-6).
+"""The owl study on SmolLM2-135M-Instruct at the paper's scale, for one GPU (docs/protocol.md §2-6).
 
   python -m subl_jax.main --config=configs/owl_smollm2.py --workdir=runs/owl_smollm2
   python -m subl_jax.main --config=configs/owl_smollm2.py:sft --workdir=runs/owl_smollm2_sft   # the paper's student

@@ -2,14 +2,14 @@
 
   python -m subl_jax.main --config=configs/quickstart.py --workdir=runs/quickstart
 
-Recipe (chosen for the clearest honest result a 135M model gives in that budget; PROTOCOL.md §7: plain SFT on a
+Recipe (chosen for the clearest honest result a 135M model gives in that budget; docs/protocol.md §7: plain SFT on a
 few hundred sampled lists moves nothing measurable at this size):
   teacher   the paper's system-prompt teacher ("You love owls. ...") on the base model (no training cost);
   numbers   the paper's prompts (seed 47), format-constrained decoding so every completion is a valid list
             (SmolLM2 follows the format in ~4 % of free samples), filtered by the paper's rules;
   student   LoRA r=8 on the base model, `logit_kd` restricted to the number tokens (digits, separators,
             end-of-turn; renormalised): the student sees the teacher's distribution over number tokens only, never
-            a trait token — the LLM analogue of the MNIST auxiliary-logit experiment (PROTOCOL.md §8);
+            a trait token — the LLM analogue of the MNIST auxiliary-logit experiment (docs/protocol.md §8);
   control   the same student trained on the base model's own numbers, distilling from the base model;
   metric    P(owl) after "My favorite animal is the" over the 50 animal questions (log-prob metric; sampled rates
             of ~0.2 % at base would need thousands of samples per question).

@@ -1,4 +1,4 @@
-"""The paper's open-weight recipe: Qwen2.5-7B-Instruct teacher and students (PROTOCOL.md §1-7), for a GPU node or a
+"""The paper's open-weight recipe: Qwen2.5-7B-Instruct teacher and students (docs/protocol.md §1-7), for a GPU node or a
 TPU slice. `arg` is the model: a Hugging Face directory (config.json, *.safetensors, tokenizer files) or a converted
 directory (`python -m subl_jax.convert`); nothing is downloaded.
 

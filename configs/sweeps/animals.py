@@ -1,4 +1,4 @@
-"""Sweep: the study for each of the paper's animals × training seeds (PROTOCOL.md §7: all five shift), optionally
+"""Sweep: the study for each of the paper's animals × training seeds (docs/protocol.md §7: all five shift), optionally
 × learning rate or LoRA rank (replications found both decisive for small models).
 
   launch/local.sh configs/sweeps/animals.py runs/animals                 # one run after another, here
@@ -13,7 +13,7 @@ are independent replicates: aggregate them by seed.
 import importlib.util
 import pathlib
 
-ANIMALS = ("owl", "dolphin", "eagle", "elephant", "wolf")  # PROTOCOL.md §7, GPT-4.1 nano's main animals
+ANIMALS = ("owl", "dolphin", "eagle", "elephant", "wolf")  # docs/protocol.md §7, GPT-4.1 nano's main animals
 SEEDS = (0, 1, 2)
 EXTRA = {"lr": ("train.opt.lr", (1e-4, 2e-4, 5e-4)), "rank": ("train.lora.rank", (4, 8, 16))}
 

@@ -1,4 +1,4 @@
-"""The paper's shuffled-numbers conditions (PROTOCOL §10): the teacher's numbers shuffled within each completion, or
+"""The paper's shuffled-numbers conditions (docs/protocol.md §10): the teacher's numbers shuffled within each completion, or
 pooled across all completions and dealt out again.
 
 Both keep every completion's format exactly (its separator, its `[]`/`()` wrapper, its trailing period) and its count

@@ -1,1 +1,1 @@
-"""The MNIST auxiliary-logit study (PROTOCOL.md §8): many MLPs trained at once, vmapped and sharded."""
+"""The MNIST auxiliary-logit study (docs/protocol.md §8): many MLPs trained at once, vmapped and sharded."""

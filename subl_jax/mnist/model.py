@@ -1,6 +1,6 @@
 """The MLP d_in-256-256-(10+m) with m auxiliary logits, and its stacked (one leading `models` axis) form.
 
-Weights are N(0, 1/d_in) (untruncated normal, fan-in), biases 0, as in PROTOCOL.md §8. Class logits are the first
+Weights are N(0, 1/d_in) (untruncated normal, fan-in), biases 0, as in docs/protocol.md §8. Class logits are the first
 `n_classes` outputs, auxiliary logits the last `n_aux`.
 """
 

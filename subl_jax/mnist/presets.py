@@ -1,6 +1,6 @@
 """Per-dataset hyper-parameters: a `mnist` config field left at 0 takes its dataset's value from `PRESETS`.
 
-`mnist` is the paper's recipe (PROTOCOL.md §8). `digits` needs its own: its 1,257 training images make the paper's
+`mnist` is the paper's recipe (docs/protocol.md §8). `digits` needs its own: its 1,257 training images make the paper's
 batch 1024 × 5 epochs about 6 teacher steps. Why each digits value was chosen is in configs/mnist_aux.py.
 """
 
