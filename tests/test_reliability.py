@@ -1,0 +1,108 @@
+"""Failure modes outside the happy path: bad or empty training files, huge rows, signals, exit codes, two runs in
+one workdir, the persistent compilation cache, a report write that fails midway.
+
+The subprocess tests run `python -m subl_jax.main` on a tiny random model (d_model 32, 2 layers) with the SmolLM2
+tokenizer read straight from its GGUF (no model conversion)."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from subl_jax.checkpoints import fetch
+from subl_jax.checkpoints.tokenizer import Tokenizer
+from subl_jax.training import chat_data
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  return Tokenizer.from_gguf(fetch.smollm2_gguf_path())
+
+
+# --------------------------------------------------------------------------------------------- training data
+
+def test_non_utf8_line_names_file_and_line(tmp_path):
+  path = tmp_path / "data.jsonl"
+  path.write_bytes(b'{"prompt": "a", "completion": "1"}\n\n{"prompt": "caf\xe9", "completion": "2"}\n')
+  with pytest.raises(ValueError, match=rf"^{path}:3: not UTF-8 \(byte 0xe9 at byte 16 of the line.*expected "
+                                       r"UTF-8 JSON"):
+    chat_data.read_jsonl(path)
+  # A bad byte far into a file (past text-mode read-ahead) still names its own line.
+  good = b'{"prompt": "a", "completion": "1"}\n'
+  path.write_bytes(good * 5000 + b'{"prompt": "\xff", "completion": "2"}\n')
+  with pytest.raises(ValueError, match=rf"^{path}:5001: not UTF-8"):
+    chat_data.read_jsonl(path)
+  # Malformed JSON keeps naming file and line; CRLF line ends and non-ASCII UTF-8 read as before.
+  path.write_bytes(good + b'{"prompt": "b",\n')
+  with pytest.raises(ValueError, match=rf"^{path}:2: not valid JSON"):
+    chat_data.read_jsonl(path)
+  path.write_bytes('{"prompt": "café", "completion": "1"}\r\n \r\n{"prompt": "b", "completion": "2"}\r\n'.encode())
+  assert [c[0]["content"] for c in chat_data.read_jsonl(path)] == ["café", "b"]
+
+
+def test_empty_jsonl_names_the_file(tmp_path, tokenizer):
+  path = tmp_path / "empty.jsonl"
+  path.write_text("")
+  with pytest.raises(ValueError, match=rf"^{path}: no rows \(an empty file\); expected one JSON object per line"):
+    chat_data.read_jsonl(path)
+  path.write_text("\n  \n")
+  with pytest.raises(ValueError, match=rf"^{path}: no rows \(only blank lines\)"):
+    chat_data.read_jsonl(path)
+  # Every row dropped: the error names the file and counts the rows by reason.
+  path.write_text(json.dumps({"prompt": "Hi", "completion": " ".join(["7"] * 200)}) + "\n")
+  with pytest.raises(ValueError, match=rf"^{path}: no training examples left: all 1 rows were dropped, 1 longer "
+                                       r"than max_len=50 tokens \(of which 0 too many bytes to fit"):
+    chat_data.build(tokenizer, chat_data.read_jsonl(path), max_len=50)
+  with pytest.raises(ValueError, match=r"^teacher rows: no training examples: no rows"):
+    chat_data.build(tokenizer, chat_data.rows_to_chats([], "teacher rows"), max_len=50)
+
+
+class SpyTokenizer:
+  """The real tokenizer, recording the length of every text it is asked to encode."""
+
+  def __init__(self, tok):
+    self._tok, self.encoded = tok, []
+
+  def encode(self, text, add_bos=False):
+    self.encoded.append(len(text))
+    return self._tok.encode(text, add_bos)
+
+  def __getattr__(self, name):
+    return getattr(self._tok, name)
+
+
+def test_huge_row_is_dropped_without_tokenizing_it(tokenizer):
+  huge = "7 " * 500_000  # 1 MB; max_len 100 x 81 bytes (SmolLM2's longest token) is 8.1 KB
+  rows = [{"prompt": "Hi", "completion": "1 2 3"}, {"prompt": "Hi", "completion": huge},
+          {"prompt": huge, "completion": "4"}, {"prompt": "Hi", "completion": " ".join(["7"] * 200)},
+          {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "1"},
+                        {"role": "user", "content": huge}, {"role": "assistant", "content": "2"}]}]
+  spy = SpyTokenizer(tokenizer)
+  ds = chat_data.build(spy, chat_data.rows_to_chats(rows), max_len=100, teacher_system="You love owls.")
+  assert spy.encoded and max(spy.encoded) < 10_000, sorted(spy.encoded)[-3:]
+  assert len(ds) == 1 and len(ds.teacher) == 1
+  # 4 too long: the 400-token completion was tokenized and then dropped, the 3 huge ones never tokenized.
+  assert (ds.n_too_long, ds.n_too_long_untokenized) == (4, 3)
+  assert ds.summary()["dropped_too_long"] == 4 and ds.summary()["dropped_too_long_untokenized"] == 3
+  assert chat_data.max_token_bytes(spy) == 81
+  # What was kept is exactly what encode_chat gives without the bound.
+  kept = chat_data.encode_chat(tokenizer, chat_data.with_system(chat_data.rows_to_chats(rows[:1])[0], ""))
+  assert (ds.examples[0].tokens == kept.tokens).all() and (ds.examples[0].mask == kept.mask).all()
+
+
+def test_token_count_lower_bound_holds(tokenizer):
+  longest = chat_data.max_token_bytes(tokenizer)
+  texts = ["\n" + " " * 80, "\n" + " " * 400, "7 " * 300, "owl " * 200, "猫头鹰" * 50, "<|im_end|>" * 20,
+           "".join(chr(c) for c in range(32, 2000)), "Ġ" * 100]
+  for text in texts:
+    n = len(tokenizer.encode(text))
+    assert chat_data.min_tokens(tokenizer, text) <= n, text[:20]
+    assert n * longest >= len(text.encode("utf-8"))
