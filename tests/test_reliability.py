@@ -106,3 +106,44 @@ def test_token_count_lower_bound_holds(tokenizer):
     n = len(tokenizer.encode(text))
     assert chat_data.min_tokens(tokenizer, text) <= n, text[:20]
     assert n * longest >= len(text.encode("utf-8"))
+
+
+# --------------------------------------------------------------------------------------------- signals
+
+_TWO_SIGNALS = """
+import os, signal, sys, time
+from subl_jax.training.checkpoint import StopRequest
+signal.signal(signal.SIGTERM, signal.{previous})
+with StopRequest() as stop:
+  os.kill(os.getpid(), signal.SIGTERM)
+  time.sleep(0.1)  # the handler runs between bytecodes; give it some
+  assert stop.requested == signal.SIGTERM, stop.requested
+  print("stop pending", flush=True)
+  os.kill(os.getpid(), signal.SIGTERM)
+  time.sleep(2)
+print("survived the second signal", flush=True)
+"""
+
+
+@pytest.mark.parametrize("previous", ["SIG_DFL", "SIG_IGN"])
+def test_second_sigterm_falls_through_to_the_previous_disposition(previous):
+  proc = subprocess.run([sys.executable, "-c", _TWO_SIGNALS.format(previous=previous)], capture_output=True,
+                        text=True, cwd=ROOT, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert "stop pending" in proc.stdout, proc.stderr[-2000:]
+  if previous == "SIG_DFL":  # dies of the signal, as it would have without StopRequest
+    assert proc.returncode == -signal.SIGTERM, (proc.returncode, proc.stdout, proc.stderr[-2000:])
+    assert "survived" not in proc.stdout
+  else:  # an ignored signal stays ignored
+    assert proc.returncode == 0 and "survived" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_second_sigint_raises_keyboard_interrupt():
+  from subl_jax.training.checkpoint import StopRequest
+  with pytest.raises(KeyboardInterrupt):
+    with StopRequest() as stop:
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.05)
+      assert stop.requested == signal.SIGINT
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(1)
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

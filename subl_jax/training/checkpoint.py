@@ -8,6 +8,7 @@ the same batches. The two newest checkpoints are kept.
 
 from __future__ import annotations
 
+import os
 import pathlib
 import signal
 import threading
@@ -71,7 +72,9 @@ class StopRequest:
   """Turns SIGTERM/SIGINT into a flag the training loop checks after each step (then saves and stops).
 
   Only installed in the main thread (signal handlers cannot be set elsewhere); a second signal while a stop is
-  pending falls through to the previous handler, so a stuck run can still be killed.
+  pending falls through to the previous handler, so a stuck run can still be killed: a Python handler is called
+  (SIGINT's default raises KeyboardInterrupt), an ignored signal stays ignored, and the OS default (SIGTERM's:
+  terminate) is restored and the signal re-raised, so the process dies of it as it would have without us.
   """
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -87,12 +90,17 @@ class StopRequest:
     return self
 
   def _handle(self, signum, frame):
-    if self.requested is not None:
-      previous = self._previous.get(signum)
-      if callable(previous):
-        previous(signum, frame)
+    if self.requested is None:
+      self.requested = signum
       return
-    self.requested = signum
+    previous = self._previous.get(signum)
+    if callable(previous):
+      previous(signum, frame)
+    elif previous != signal.SIG_IGN:
+      # SIG_DFL, or None (a handler not set from Python): restore the default and deliver the signal again; the
+      # process then ends exactly as an unhandled signal ends it (exit status -signum for a parent).
+      signal.signal(signum, signal.SIG_DFL)
+      os.kill(os.getpid(), signum)
 
   def __exit__(self, *exc) -> None:
     for sig, handler in self._previous.items():
