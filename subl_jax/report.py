@@ -1,5 +1,8 @@
 """Study reports: `<workdir>/report.json`, a markdown table `report.md` and a bar chart `report.png`.
 
+Each file is written to a temporary file beside it and moved into place (`os.replace`), so a failure or a kill midway
+leaves the previous report as it was, never a truncated one.
+
 `conditions` takes one of two shapes, and report.json keeps the one it is given:
   one metric:      {"teacher": {"mean": m, "ci95": [lo, hi], "n": n}, ...}            (the MNIST study)
   several metrics: {"teacher": {"accuracy": {"mean", "ci95", "n"}, "logprob": {...}}, ...}  (e.g. the LLM study)
@@ -8,10 +11,13 @@ Summaries are what `stats.mean_ci` returns. A condition is a single-metric summa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import pathlib
-from typing import Any
+import secrets
+from typing import Any, Iterator
 
 from subl_jax.stats import ci_key
 
@@ -102,6 +108,29 @@ def plot(conditions: dict[str, Any], path: str | pathlib.Path, title: str, metri
   plt.close(fig)
 
 
+@contextlib.contextmanager
+def _replacing(path: pathlib.Path) -> Iterator[pathlib.Path]:
+  """A temporary path beside `path` (same file system, same suffix for writers that go by it) to write; moved onto
+  `path` only when the block completes, and removed when it fails."""
+  # Not tempfile.mkstemp: it creates the file 0600, and a report should get the umask's permissions like any other.
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{path.suffix}")
+  try:
+    yield tmp
+    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | pathlib.Path, text: str) -> None:
+  """Writes `text` to `path` so that a failure midway (disk full, a kill) leaves the previous file intact."""
+  path = pathlib.Path(path)
+  with _replacing(path) as tmp:
+    with tmp.open("x", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())  # the data reaches the disk before the rename can: a crash leaves old or new, not empty
+
+
 def write_report(workdir: str | pathlib.Path, conditions: dict[str, Any], title: str,
                  extra: dict[str, Any] | None = None, metric: str = "value",
                  notes: list[str] | None = None) -> str:
@@ -119,10 +148,11 @@ def write_report(workdir: str | pathlib.Path, conditions: dict[str, Any], title:
     raise ValueError(f"write_report: extra may not set {sorted(clash)}")
   single = all("mean" in v for v in conditions.values())
   doc = {"title": title, **({"metric": metric} if single else {}), "conditions": conditions, **extra}
-  (workdir / "report.json").write_text(json.dumps(doc, indent=2) + "\n")
+  text = json.dumps(doc, indent=2) + "\n"  # both texts before any file: a value JSON cannot hold writes nothing
   md = f"# {title}\n\n{markdown_table(conditions, metric)}\n"
   if notes:
     md += "\n" + "\n".join(notes) + "\n"
-  (workdir / "report.md").write_text(md)
+  write_text_atomic(workdir / "report.json", text)
+  write_text_atomic(workdir / "report.md", md)
   plot(conditions, workdir / "report.png", title, metric)
   return md

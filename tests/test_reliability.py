@@ -147,3 +147,36 @@ def test_second_sigint_raises_keyboard_interrupt():
       os.kill(os.getpid(), signal.SIGINT)
       time.sleep(1)
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# --------------------------------------------------------------------------------------------- report
+
+_FULL_DISK = """
+import resource, signal, sys
+from subl_jax import report
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+conditions = {f"condition_{i}": {"mean": 0.5, "ci95": [0.4, 0.6], "n": 10} for i in range(200)}  # ~20 KB of JSON
+try:
+  report.write_report(sys.argv[1], conditions, "new")
+except OSError as e:
+  print("write failed:", e)
+  sys.exit(3)
+"""
+
+
+def test_report_write_failing_midway_keeps_the_old_report(tmp_path):
+  from subl_jax import report
+  report.write_report(tmp_path, {"a": {"mean": 0.5, "ci95": [0.4, 0.6], "n": 10}}, "old")
+  old = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+  assert sorted(old) == ["report.json", "report.md", "report.png"]
+  # A real failure in the middle of writing (the file-size limit as a full disk): the new report.json is ~20 KB.
+  proc = subprocess.run([sys.executable, "-c", _FULL_DISK, str(tmp_path)], capture_output=True, text=True,
+                        cwd=ROOT, timeout=120)
+  assert proc.returncode == 3 and "write failed" in proc.stdout, (proc.returncode, proc.stdout, proc.stderr[-2000:])
+  assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == old  # intact, and no temporary file left over
+  assert json.loads((tmp_path / "report.json").read_text())["title"] == "old"
+  # A value JSON cannot hold fails before any file is touched.
+  with pytest.raises(TypeError):
+    report.write_report(tmp_path, {"a": {"mean": 0.5, "ci95": [0.4, 0.6], "n": 10}}, "new", extra={"x": object()})
+  assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == old
