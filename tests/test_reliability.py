@@ -180,3 +180,137 @@ def test_report_write_failing_midway_keeps_the_old_report(tmp_path):
   with pytest.raises(TypeError):
     report.write_report(tmp_path, {"a": {"mean": 0.5, "ci95": [0.4, 0.6], "n": 10}}, "new", extra={"x": object()})
   assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == old
+
+
+# --------------------------------------------------------------------------------------------- subl_jax.main
+
+def tiny_train_job(tmp_path, epochs):
+  """A `train` job config file for a tiny random model (SmolLM2's tokenizer from its GGUF) on 16 short rows: 4
+  steps an epoch."""
+  data = tmp_path / "data.jsonl"
+  data.write_text("".join(json.dumps({"prompt": f"Continue: {i}, {i + 1}", "completion": f"{i + 2}, {i + 3}"}) + "\n"
+                          for i in range(16)))
+  path = tmp_path / "tiny_train.py"
+  path.write_text(textwrap.dedent(f"""
+      from subl_jax import config
+
+      def get_config(arg=None):
+        cfg = config.defaults()
+        cfg.job, cfg.model.spec = "train", "random"
+        cfg.model.tokenizer = "gguf:{fetch.smollm2_gguf_path()}"
+        cfg.model.arch.update(dict(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, mlp_dim=64))
+        cfg.mesh.fsdp = 1
+        cfg.train.update(dict(data="{data}", batch_size=4, grad_accum=1, epochs={epochs}, max_len=64, log_every=100,
+                              checkpoint_every=0))
+        cfg.train.lora.rank = 0
+        return cfg
+      """))
+  return path
+
+
+def main_env(cache):
+  # Not the test process's XLA_FLAGS (8 fake devices); our own cache dir, so that the compilation cache is seen.
+  return {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "HOME": str(pathlib.Path.home()),
+          "SUBL_JAX_CACHE": str(cache), "TQDM_DISABLE": "1",
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # the tiny job's programs compile in well under 1 s
+
+
+def main_args(config, workdir, *flags):
+  return [sys.executable, "-m", "subl_jax.main", f"--config={config}", f"--workdir={workdir}", *flags]
+
+
+def cache_entries(cache):
+  d = cache / "jax_compilation_cache"
+  return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+
+
+def test_sigterm_stops_with_exit_75_and_a_rerun_resumes(tmp_path):
+  config = tiny_train_job(tmp_path, epochs=150)  # 600 steps: still running when the first metrics row appears
+  workdir, cache = tmp_path / "run", tmp_path / "cache"
+  proc = subprocess.Popen(main_args(config, workdir), cwd=ROOT, env=main_env(cache), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    metrics = workdir / "sft.partial" / "train" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.read_text().strip()) and proc.poll() is None and time.time() < deadline:
+      time.sleep(0.05)
+    assert proc.poll() is None, f"finished before the first metrics row: {proc.communicate()[1][-3000:]}"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+  finally:
+    proc.kill()
+  assert proc.returncode == 75, (proc.returncode, err[-3000:])
+  assert "Traceback" not in err, err[-3000:]
+  lines = [line for line in err.splitlines() if "subl_jax.main:" in line]
+  assert len(lines) == 1 and lines[0] == err.rstrip("\n").splitlines()[-1], err[-3000:]
+  line = lines[0][lines[0].index("subl_jax.main:"):]
+  assert line.startswith(f"subl_jax.main: job 'train' in {workdir} stopped by signal 15 after step "), line
+  assert f"checkpoint saved in {workdir}" in line and line.endswith("re-run the same command to resume"), line
+  assert cache_entries(cache), "the compilation cache is on by default"
+
+  done = subprocess.run(main_args(config, workdir), cwd=ROOT, env=main_env(cache), capture_output=True, text=True,
+                        timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  train = json.loads((workdir / "sft" / "manifest.json").read_text())["summary"]["train"]
+  assert train["steps"] == 600 and 0 < train["resumed_from"] < 600, train
+
+
+def snapshot(d):
+  return {str(p.relative_to(d)): (p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns)
+          for p in sorted(d.rglob("*"))} | {".": d.stat().st_mtime_ns}
+
+
+def test_second_run_in_a_busy_workdir_fails_fast_and_touches_nothing(tmp_path):
+  from subl_jax import workdir_lock
+  config = tiny_train_job(tmp_path, epochs=1)
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "config.json").write_text('{"from": "the running job"}\n')
+  with workdir_lock.hold(workdir) as lock:
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    before = snapshot(workdir)
+    t0 = time.time()
+    proc = subprocess.run(main_args(config, workdir), cwd=ROOT, env=main_env(tmp_path / "cache"),
+                          capture_output=True, text=True, timeout=300)
+    took = time.time() - t0
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert f"workdir {workdir} is in use by another run (pid {os.getpid()} on " in proc.stderr, proc.stderr[-3000:]
+    assert "pytest" in proc.stderr.splitlines()[-1] and "Traceback" not in proc.stderr  # the holder's command
+    assert snapshot(workdir) == before  # config.json, the lock file, nothing else written
+    assert not (tmp_path / "cache" / "jax_compilation_cache").exists() or not cache_entries(tmp_path / "cache")
+    assert took < 120, took  # no model loaded, nothing compiled
+  # Released: the next run gets the lock (and writes its own details into it).
+  with workdir_lock.hold(workdir) as lock:
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+
+
+def test_lock_is_released_when_its_holder_is_killed(tmp_path):
+  from subl_jax import workdir_lock
+  holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom subl_jax import workdir_lock\n"
+                             "with workdir_lock.hold(sys.argv[1]):\n  print('held', flush=True)\n  time.sleep(300)",
+                             str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(workdir_lock.WorkdirBusy, match=rf"(?s)workdir {tmp_path} is in use by another run "
+                                                       rf"\(pid {holder.pid} on .*workdir_lock\.hold"):
+      with workdir_lock.hold(tmp_path):
+        pass
+  finally:
+    holder.kill()
+    holder.wait(timeout=60)
+  assert holder.returncode == -signal.SIGKILL
+  with workdir_lock.hold(tmp_path) as lock:  # no stale lock after a SIGKILL
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+
+
+def test_compilation_cache_on_by_default_off_by_flag_or_env(tmp_path):
+  config = tiny_train_job(tmp_path, epochs=1)
+  runs = {"on": ([], {}), "flag off": (["--compile_cache=false"], {}),
+          "env off": ([], {"SUBL_JAX_COMPILE_CACHE": "0"})}
+  for name, (flags, env) in runs.items():
+    cache = tmp_path / name.replace(" ", "_")
+    proc = subprocess.run(main_args(config, tmp_path / f"run_{cache.name}", *flags), cwd=ROOT,
+                          env=main_env(cache) | env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (name, proc.stderr[-3000:])
+    entries = cache_entries(cache)
+    assert bool(entries) == (name == "on"), (name, entries)
