@@ -4,17 +4,21 @@ A teacher or student stage writes `model/` — the full parameters, with LoRA ad
 (W + alpha/r · A·B) — so every consumer loads a trained model exactly like a base model, and `stage.json` saying what
 the model is (a system-prompt teacher has no `model/`: its `stage.json` says `"model": "base"` and holds the system
 prompt). The Orbax train checkpoints (adapters only, for LoRA) live in `train/checkpoints/` while a stage runs and
-are deleted when it completes: a merged model is all later stages need.
+are deleted when it completes: a merged model is all later stages need. A LoRA stage also keeps its unmerged
+adapters in `adapters/` (Orbax `params/` + `lora.json`, the LoraConfig), for exporting the student as a PEFT adapter
+(`subl_jax.checkpoints.hf_export`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import shutil
 from typing import Any
 
 import jax
+import orbax.checkpoint as ocp
 
 from subl_jax import api
 from subl_jax.checkpoints import store
@@ -23,6 +27,7 @@ from subl_jax.training import lora as lora_lib
 from subl_jax.training.trainer import CHECKPOINT_DIR, TrainResult
 
 MODEL_DIR, STAGE_FILE, TRAIN_DIR = "model", "stage.json", "train"
+ADAPTERS_DIR, ADAPTER_PARAMS_DIR, LORA_FILE = "adapters", "params", "lora.json"
 
 
 def trained_params(model: api.Model, result: TrainResult) -> Any:
@@ -40,8 +45,21 @@ def export(stage_dir: str | pathlib.Path, model: api.Model, result: TrainResult,
   stage_dir = pathlib.Path(stage_dir)
   store.save(stage_dir / MODEL_DIR, model.config, trained_params(model, result), model.tokenizer,
              source={"trained": info})
+  if result.lora is not None:
+    save_adapters(stage_dir, result)
   write_info(stage_dir, dict(info, model=MODEL_DIR))
   shutil.rmtree(stage_dir / TRAIN_DIR / CHECKPOINT_DIR, ignore_errors=True)
+
+
+def save_adapters(stage_dir: str | pathlib.Path, result: TrainResult) -> None:
+  """`adapters/params` (Orbax: the unmerged A, B, unscaled) and `adapters/lora.json` (rank, alpha, targets)."""
+  d = pathlib.Path(stage_dir).absolute() / ADAPTERS_DIR
+  d.mkdir(parents=True, exist_ok=True)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(d / ADAPTER_PARAMS_DIR, result.trainable, force=True)  # force: a resumed stage may have one
+  checkpointer.wait_until_finished()
+  if jax.process_index() == 0:
+    (d / LORA_FILE).write_text(json.dumps(dataclasses.asdict(result.lora), indent=2) + "\n")
 
 
 def write_info(stage_dir: str | pathlib.Path, info: dict[str, Any]) -> None:
