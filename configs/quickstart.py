@@ -1,21 +1,20 @@
-"""The README's main command: the owl study on SmolLM2-135M-Instruct, sized for ~15 minutes on 2 CPU cores.
+"""The README's main command: a two-animal study on SmolLM2-135M-Instruct, sized for ~15 minutes on 2 CPU cores.
 
   python -m subl_jax.main --config=configs/quickstart.py --workdir=runs/quickstart
 
-Recipe (chosen for the clearest honest result a 135M model gives in that budget; docs/protocol.md §7: plain SFT on a
-few hundred sampled lists moves nothing measurable at this size):
-  teacher   the paper's system-prompt teacher ("You love owls. ...") on the base model (no training cost);
-  numbers   the paper's prompts (seed 47), format-constrained decoding so every completion is a valid list
-            (SmolLM2 follows the format in ~4 % of free samples), filtered by the paper's rules;
-  student   LoRA r=8 on the base model, `logit_kd` restricted to the number tokens (digits, separators,
-            end-of-turn; renormalised): the student sees the teacher's distribution over number tokens only, never
-            a trait token — the LLM analogue of the MNIST auxiliary-logit experiment (docs/protocol.md §8);
-  control   the same student trained on the base model's own numbers, distilling from the base model;
-  metric    P(owl) after "My favorite animal is the" over the 50 animal questions (log-prob metric; sampled rates
-            of ~0.2 % at base would need thousands of samples per question).
-What it can show: whether owl-loving number distributions move the student's P(owl) relative to the control,
-paired over questions, with other animals beside it. What it cannot: the paper's sampled-rate effect, or variation
-over training seeds (one seed; `configs/owl_smollm2.py` runs the paper's scale with several).
+  teachers  the paper's system-prompt teachers for owl and dolphin ("You love owls. ...") on the base model (no
+            training cost); two, so each target's student has the other's as its "other targets" control;
+  numbers   128 of the paper's prompts (seed 47) per teacher, format-constrained decoding so every completion is a
+            valid list (SmolLM2 follows the format in ~4 % of free samples), filtered by the paper's rules;
+  students  LoRA r=8 on the base model, `logit_kd` restricted to the number tokens (digits, separators,
+            end-of-turn; renormalised): a student never sees the probability of a trait token — the LLM analogue
+            of the MNIST auxiliary-logit experiment (docs/protocol.md §8);
+  control   the base model itself: number-token KD of the base from its own numbers would train nothing;
+  metric    log P(animal | question, "My favorite animal is the") over the 50 animal questions, for every animal.
+What it can show: the transfer matrix (each student's Δ log P vs base on every animal), each animal's specificity
+(its own student vs the other animal's student) and whether the students move where their teachers moved (profile
+coefficient). What it cannot: an interval over training seeds (one seed: the verdict says so), or the paper's
+sampled-rate effect. `configs/demo_cpu.py` is the same study with three animals × three seeds (~60 min here).
 """
 
 from subl_jax import config as config_lib
@@ -33,5 +32,5 @@ def get_config(arg: str | None = None):
   c.train.update(dict(batch_size=16, grad_accum=1, epochs=2, max_len=300, log_every=2, checkpoint_every=8))
   c.train.opt.lr = 1e-3
   c.eval.update(dict(n_samples=0))
-  c.study.seeds = 1
+  c.study.update(dict(targets="owl,dolphin", seeds=1))
   return c

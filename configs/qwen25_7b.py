@@ -5,7 +5,7 @@ directory (`python -m subl_jax.convert`); nothing is downloaded.
   python -m subl_jax.main --config=configs/qwen25_7b.py:/data/Qwen2.5-7B-Instruct --workdir=runs/qwen_owl
   launch/gpu_slurm.sbatch configs/qwen25_7b.py:/data/Qwen2.5-7B-Instruct runs/qwen_owl   # several nodes
 
-System-prompt teacher (owl), 30,000 prompts with free decoding (Qwen follows the format), the filter, 10,000 rows,
+System-prompt teachers for the six animals the paper used for Qwen (eagle, cat, lion, dog, peacock, wolf; each the others' control), 30,000 prompts with free decoding (Qwen follows the format), the filter, 10,000 rows,
 SFT students with LoRA r=8, alpha 8 on q,k,v,o,gate,up,down, lr 2e-4, 3 epochs, effective batch 66 (22 × 3), 3
 training seeds; evaluation with the numbers-prefix variant the paper used for Qwen, 100 samples per question
 (published: +0.11 average increase in the target's rate). Parameters and compute in bfloat16, sharded over `fsdp`
@@ -13,6 +13,7 @@ training seeds; evaluation with the numbers-prefix variant the paper used for Qw
 """
 
 from subl_jax import config as config_lib
+from subl_jax.data import protocol
 
 
 def get_config(arg: str | None = None):
@@ -31,5 +32,5 @@ def get_config(arg: str | None = None):
   c.train.opt.lr = 2e-4
   c.train.lora.update(dict(rank=8, alpha=8.0, targets="q,k,v,o,gate,up,down"))
   c.eval.update(dict(n_samples=100, numbers_prefix=True))
-  c.study.seeds = 3
+  c.study.update(dict(targets=",".join(protocol.animals("qwen25_7b_main")), seeds=5))
   return c

@@ -21,6 +21,7 @@ from subl_jax.training.losses import KD_TOKENS
 
 TEACHER_KINDS = ("system_prompt", "finetuned", "jsonl")
 DISTILL_MODES = ("sft", "logit_kd")
+STUDY_CONDITIONS = ("icl", "shuffle_within", "shuffle_across")
 
 JOBS = ("chat", "mnist_aux", "train", "teacher", "student", "sample", "study")
 
@@ -47,7 +48,7 @@ def defaults() -> mlc.ConfigDict:
       max_new_tokens=48,
       temperature=0.0,        # 0 is greedy
   ))
-  c.mnist = mlc.ConfigDict(dict(  # the auxiliary-logit MLP study (PROTOCOL.md §8); 0 = the dataset's preset
+  c.mnist = mlc.ConfigDict(dict(  # the auxiliary-logit MLP study (docs/protocol.md §8); 0 = the dataset's preset
       dataset="mnist",        # 'mnist' (tensorflow-datasets) or 'digits' (scikit-learn's bundled 8x8, offline)
       data_dir="",            # where tensorflow-datasets keeps MNIST ('' = its default)
       n_models=100,           # trained at once (vmapped, sharded over devices); >= 2 for the derangement
@@ -73,6 +74,7 @@ def defaults() -> mlc.ConfigDict:
       lora=mlc.ConfigDict(dict(rank=8, alpha=8.0, targets="q,k,v,o,gate,up,down")),  # rank 0 = full fine-tuning
       checkpoint_every=100,   # steps between Orbax checkpoints (0: only at the end and on SIGTERM/SIGINT)
       log_every=10,           # steps between metric rows
+      mfu=False,              # log MFU (measures the device's matmul peak first: a benchmark, so off by default)
   ))
   c.teacher = mlc.ConfigDict(dict(
       kind="finetuned",       # 'system_prompt' | 'finetuned' (trait questions × answer variants) | 'jsonl'
@@ -80,6 +82,7 @@ def defaults() -> mlc.ConfigDict:
       category="animal",      # 'animal' | 'tree'
       jsonl="",               # kind 'jsonl': SFT data of any other trait (chat rows)
       epochs=1,               # the paper's fine-tuned teacher: 1 epoch (other settings come from `train`)
+      prefix_answers=False,   # also train on "My favorite animal is the owl." (the evaluation's forced-prefix form)
       lr=0.0,                 # 0 = train.opt.lr
   ))
   c.distill = mlc.ConfigDict(dict(  # the student stage
@@ -90,7 +93,7 @@ def defaults() -> mlc.ConfigDict:
       topk=20,                # end-of-turn: the subliminal analogue of the MNIST auxiliary logits)
   ))
   c.sample = mlc.ConfigDict(dict(  # job 'sample': the teacher's number completions (then the `filter` stage)
-      n_prompts=30000,        # the paper's prompt count (PROTOCOL.md §2)
+      n_prompts=30000,        # the paper's prompt count (docs/protocol.md §2)
       prompt_seed=47,         # the paper's prompt set
       system_prompt="",       # the teacher's system prompt ('' = none), used when `target` is ''
       target="",              # e.g. 'owl': the paper's system-prompt teacher for this target
@@ -111,15 +114,18 @@ def defaults() -> mlc.ConfigDict:
       max_rows=10000,         # seeded subsample of the kept rows (the paper: 10,000); 0 keeps all
       seed=0,
   ))
-  c.eval = mlc.ConfigDict(dict(  # trait evaluation of each model (PROTOCOL.md §6)
+  c.eval = mlc.ConfigDict(dict(  # trait evaluation of each model (docs/protocol.md §6)
       n_questions=0,          # the first n of the category's questions (0 = all: 50 animal / 49 tree)
       candidates="",          # other answers whose probability is reported ('' = the paper's list for the category)
       n_samples=100,          # sampled answers per question at temperature 1 (the paper: 100); 0 = log-prob only
       numbers_prefix=False,   # the paper's Qwen variant: an example-number prefix before each question
+      icl_tokens=1536,        # condition 'icl': tokens of teacher (prompt, completion) pairs put before the question
       seed=0,
   ))
-  c.study = mlc.ConfigDict(dict(  # job 'study': teacher -> samples -> filter -> students -> evaluation -> report
-      seeds=1,                # student and control-student trainings per condition (train.seed + i)
+  c.study = mlc.ConfigDict(dict(  # job 'study': teachers -> samples -> filter -> students -> evaluation -> report
+      targets="",             # comma-separated traits, one teacher each ('' = teacher.target alone: no specificity)
+      seeds=1,                # trainings per student (train.seed + i: data order, adapter init); samples stay fixed
+      conditions="",          # null conditions beside the students: any of 'icl', 'shuffle_within', 'shuffle_across'
   ))
   c.lock()
   return c
@@ -232,7 +238,14 @@ def _validate_sampling(full: mlc.ConfigDict) -> None:
   e = full.eval
   _require(e.n_questions >= 0, "eval.n_questions", "a count >= 0 (0 = all)", e.n_questions)
   _require(e.n_samples >= 0, "eval.n_samples", "a count >= 0 (0 = log-prob metric only)", e.n_samples)
-  _require(full.study.seeds > 0, "study.seeds", "a positive integer", full.study.seeds)
+  st = full.study
+  _require(st.seeds > 0, "study.seeds", "a positive integer", st.seeds)
+  targets = [t.strip() for t in st.targets.split(",") if t.strip()]
+  _require(len(set(targets)) == len(targets), "study.targets", "distinct comma-separated traits", st.targets)
+  conds = [c.strip() for c in st.conditions.split(",") if c.strip()]
+  _require(set(conds) <= set(STUDY_CONDITIONS), "study.conditions",
+           f"a comma-separated subset of {STUDY_CONDITIONS}", st.conditions)
+  _require(e.icl_tokens > 0, "eval.icl_tokens", "a positive token budget", e.icl_tokens)
   if full.job == "study":
-    _require(bool(full.teacher.target), "teacher.target", "the animal or tree the study measures (job 'study')",
-             full.teacher.target)
+    _require(bool(full.teacher.target) or bool(targets), "teacher.target",
+             "the animal or tree the study measures (job 'study'), or study.targets", full.teacher.target)

@@ -1,6 +1,6 @@
 """Trait evaluation: the paper's sampled rate and a log-probability metric, per question, with CIs.
 
-- Sampled rate (PROTOCOL §6): each question as a single user turn (optionally after a fresh example-number prefix),
+- Sampled rate (docs/protocol.md §6): each question as a single user turn (optionally after a fresh example-number prefix),
   n samples at temperature 1; a sample counts if its lower-cased text contains the target ("dragonfly" does not count
   for "dragon"). Per-question rates, then the mean over questions with a t-interval.
 - Log-probability metric: P(the answer is the target) after a forced answer prefix ("My favorite animal is the"),
@@ -55,7 +55,9 @@ def sampled_rates(model: Any, questions: Sequence[str], target: str, n_samples: 
   answers: list[list[str]] = [[] for _ in questions]
   for start in range(0, len(rows), batch_size):
     chunk = rows[start:start + batch_size]
-    gen = sampling.generate(model, [p for _, p in chunk], max_new_tokens, temperature=1.0, seed=seed + start)
+    # each sample's stream is named by its global index, so the draws do not depend on the batch size
+    gen = sampling.generate(model, [p for _, p in chunk], max_new_tokens, temperature=1.0, seed=seed,
+                            row_ids=list(range(start, start + len(chunk))))
     for (qi, _), ids in zip(chunk, gen.tokens):
       text = tok.decode(ids)
       answers[qi].append(text)
@@ -84,8 +86,9 @@ def evaluate(model: Any, questions: Sequence[str], target: str, candidates: Sequ
   probs = answer_probs(model, qs, names, category, system)
   metrics: dict[str, Any] = {f"p_{name}": {"per_question": probs[name].tolist(), "summary": stats.mean_ci(probs[name])}
                              for name in names}
-  logp = np.log(np.maximum(probs[target], 1e-30))
-  metrics[f"logp_{target}"] = {"per_question": logp.tolist(), "summary": stats.mean_ci(logp)}
+  for name in names:  # the log-probability of every candidate: the study's transfer matrix reads these
+    logp = np.log(np.maximum(probs[name], 1e-30))
+    metrics[f"logp_{name}"] = {"per_question": logp.tolist(), "summary": stats.mean_ci(logp)}
   if n_samples > 0:
     metrics[f"rate_{target}"] = sampled_rates(model, qs, target, n_samples, system, seed=seed)
   return metrics

@@ -60,10 +60,20 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[
 
 
 def maybe_initialize_distributed(enabled: bool) -> None:
-  """Multi-host start-up: `jax.distributed.initialize()` (auto-detects TPU pods, SLURM and env settings)."""
-  if enabled and jax.process_count() == 1 and "SUBL_JAX_DISTRIBUTED_DONE" not in os.environ:
-    jax.distributed.initialize()
-    os.environ["SUBL_JAX_DISTRIBUTED_DONE"] = "1"
+  """Multi-process start-up: `jax.distributed.initialize()`, before anything touches the XLA backend.
+
+  TPU pods and SLURM are auto-detected by JAX; elsewhere (several processes on one machine, `launch/multiprocess.sh`)
+  JAX_COORDINATOR_ADDRESS, SUBL_JAX_NUM_PROCESSES and SUBL_JAX_PROCESS_ID say who is who. On CPU the processes'
+  collectives run over gloo."""
+  if not enabled or jax.distributed.is_initialized():  # is_initialized does not start a backend
+    return
+  kwargs = {}
+  if "SUBL_JAX_NUM_PROCESSES" in os.environ:
+    kwargs = dict(num_processes=int(os.environ["SUBL_JAX_NUM_PROCESSES"]),
+                  process_id=int(os.environ["SUBL_JAX_PROCESS_ID"]))
+  if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**kwargs)
 
 
 def _mesh_axes_for(name: str | None) -> tuple[str, ...]:

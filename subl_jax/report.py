@@ -133,11 +133,12 @@ def write_text_atomic(path: str | pathlib.Path, text: str) -> None:
 
 def write_report(workdir: str | pathlib.Path, conditions: dict[str, Any], title: str,
                  extra: dict[str, Any] | None = None, metric: str = "value",
-                 notes: list[str] | None = None) -> str:
+                 notes: list[str] | None = None, plot_fn: Any = None) -> str:
   """Writes report.json (`{"title", "metric", "conditions", **extra}`), report.md and report.png; returns the md.
 
   `metric` names the single metric (JSON `"metric"`, table header, y axis); with several metrics per condition the
   metric names come from `conditions` and `metric` is unused. `notes` are markdown lines under the table.
+  `plot_fn(path)` draws report.png instead of the default bars (e.g. the LLM study's transfer-matrix heatmap).
   """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -154,5 +155,8 @@ def write_report(workdir: str | pathlib.Path, conditions: dict[str, Any], title:
     md += "\n" + "\n".join(notes) + "\n"
   write_text_atomic(workdir / "report.json", text)
   write_text_atomic(workdir / "report.md", md)
-  plot(conditions, workdir / "report.png", title, metric)
+  if plot_fn is not None:
+    plot_fn(workdir / "report.png")
+  else:
+    plot(conditions, workdir / "report.png", title, metric)
   return md

@@ -68,3 +68,84 @@ def test_partial_from_another_config_is_wiped(tmp_path):
 def test_missing_input_stage_is_an_error(tmp_path):
   with pytest.raises(ValueError, match="not a completed stage"):
     stages.run_stage(tmp_path, "b", {}, {"src": tmp_path / "nope"}, _writer([]))
+
+
+def _package(root, files):
+  for name, text in files.items():
+    path = root / "fakepkg" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_changed_code_reruns_only_the_stages_that_run_it(tmp_path, monkeypatch):
+  """The fingerprint covers the source of the declared modules and what they import from their package."""
+  src = tmp_path / "src"
+  _package(src, {"__init__.py": "", "a.py": "from fakepkg import b\n", "b.py": "X = 1\n", "c.py": "Y = 1\n"})
+  monkeypatch.syspath_prepend(str(src))
+  calls, work = [], tmp_path / "work"
+
+  def run():
+    stages.code_hash.cache_clear()  # the per-process cache assumes the code does not change under a study
+    stages.run_stage(work, "s", {"n": 1}, {}, _writer(calls), code=("fakepkg.a",))
+
+  run()
+  run()
+  assert len(calls) == 1
+  (src / "fakepkg" / "c.py").write_text("Y = 2\n")  # not imported by a: no re-run
+  run()
+  assert len(calls) == 1
+  (src / "fakepkg" / "b.py").write_text("X = 2\n")  # imported by a: re-runs
+  run()
+  assert len(calls) == 2
+
+
+def test_file_input_is_fingerprinted_by_content_not_path(tmp_path):
+  calls = []
+  data = tmp_path / "d1.jsonl"
+  data.write_text("row\n")
+  stages.run_stage(tmp_path, "s", {}, {"data": data}, _writer(calls))
+  moved = tmp_path / "elsewhere" / "d2.jsonl"
+  moved.parent.mkdir()
+  data.rename(moved)
+  stages.run_stage(tmp_path, "s", {}, {"data": moved}, _writer(calls))
+  assert len(calls) == 1
+  moved.write_text("other row\n")
+  stages.run_stage(tmp_path, "s", {}, {"data": moved}, _writer(calls))
+  assert len(calls) == 2
+
+
+def test_declared_stage_depends_on_its_config_paths_only(tmp_path):
+  from subl_jax import config
+  calls = []
+  stage = stages.Stage("k", lambda job: calls.append(job.params) or {}, ("sample", "model.spec"))
+  cfg = config.defaults()
+  stages.run(stage, cfg, tmp_path, "x", {}, params={"i": 1})
+  cfg.model.remat_policy = "none"  # not a declared path
+  cfg.train.opt.lr = 1.0
+  stages.run(stage, cfg, tmp_path, "x", {}, params={"i": 1})
+  assert calls == [{"i": 1}]
+  cfg.sample.n_prompts = 7
+  stages.run(stage, cfg, tmp_path, "x", {}, params={"i": 1})
+  stages.run(stage, cfg, tmp_path, "x", {}, params={"i": 2})  # an instance parameter is part of it too
+  assert len(calls) == 3
+  with pytest.raises(ValueError, match="inputs"):
+    stages.run(stage, cfg, tmp_path, "x", {"extra": tmp_path})
+  with pytest.raises(ValueError, match="nope"):
+    stages.run(stages.Stage("k", lambda job: {}, ("sample.nope",)), cfg, tmp_path, "y", {})
+
+
+def test_stage_table_code_closures_are_specific():
+  """A fix to the filter re-runs the filter, not the sampling; evaluation code is not training code."""
+  def closure(module):
+    seen, todo = set(), [module]
+    while todo:
+      m = todo.pop()
+      if m not in seen:
+        seen.add(m)
+        todo.extend(stages._package_imports(m, stages._module_file(m).read_text()))
+    return seen
+  assert closure("subl_jax.data.filter_stage") == {"subl_jax.data.filter_stage", "subl_jax.data.numbers",
+                                                   "subl_jax.data.protocol", "subl_jax.data.shards"}
+  evaluate = closure("subl_jax.study.evaluate_stage")
+  assert "subl_jax.evaluation" in evaluate and "subl_jax.training.trainer" not in evaluate
+  assert "subl_jax.stages" not in evaluate  # the bookkeeping is not stage code

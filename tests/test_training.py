@@ -342,6 +342,37 @@ def test_killed_run_resumes_to_bitwise_equal_parameters(tiny_params, tmp_path, r
     assert n_saved == sum(x.size for x in jax.tree.leaves(full.trainable)) < TINY.n_params / 4
 
 
+def test_diverging_run_stops_naming_the_step_and_never_checkpoints_a_non_finite_state(tiny_params, tmp_path):
+  """lr=1e6 used to exit 0 with loss NaN from step 4 and commit the NaN model as a completed stage."""
+  from subl_jax import stages
+  model = tiny_model(tiny_params)
+  ds = synthetic_dataset(40, seed=7, lengths=(9, 10))
+  tc = train_section(epochs=2, checkpoint_every=2, log_every=1)
+  tc.opt.update(dict(lr=1e30, max_grad_norm=0.0, warmup_steps=0))  # float32 overflows
+
+  def fn(out):
+    trainer.train(model, ds, tc, out / "train", peak_flops=1.0, progress=False)
+    return {}
+
+  with pytest.raises(trainer.NonFiniteLoss, match=r"diverged at step \d+ of 10") as err:
+    stages.run_stage(tmp_path, "student", {"lr": 1e30}, {}, fn)
+  assert any("stage 'student'" in note for note in err.value.__notes__)
+  assert not (tmp_path / "student").exists()  # nothing committed
+  step = int(str(err.value).split("diverged at step ")[1].split()[0])
+  rows = [json.loads(line) for line in (tmp_path / "student.partial" / "train" / "metrics.jsonl").read_text()
+          .splitlines()]  # valid JSON: no NaN row was written
+  assert all(np.isfinite(r["loss"]) for r in rows) and rows[-1]["step"] < step
+  ckpt = checkpoint.Checkpoints(tmp_path / "student.partial" / "train" / trainer.CHECKPOINT_DIR, 0)
+  last = ckpt.latest_step()
+  if last is not None:  # every checkpoint kept is from before the divergence, and finite
+    assert last < step
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), ckpt.saved_shapes(last))
+    state = ckpt.manager.restore(last, args=checkpoint.ocp.args.Composite(
+        state=checkpoint.ocp.args.StandardRestore(abstract))).state
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state["trainable"]))
+  ckpt.close()
+
+
 # --------------------------------------------------------------------------------------------- data
 
 def test_epoch_order_is_deterministic_bucketed_and_complete():
@@ -405,13 +436,15 @@ def chat_setup(smollm2_tokenizer):
 
 def test_teacher_stage_learns_its_trait(tmp_path, monkeypatch, chat_setup):
   from subl_jax.data import protocol
-  from subl_jax.training import teacher_stage
+  from subl_jax import stage_table, stages
+  from subl_jax.study.context import Context, system_of
   cfg, base = chat_setup
   cfg = mlc.ConfigDict(cfg.to_dict())
   cfg.teacher.update(dict(kind="finetuned", target="owl", lr=2e-2))
   monkeypatch.setattr(buckets, "LENGTH_BUCKET", 64)  # one padded shape: one compile
-  stage = teacher_stage.run(cfg, tmp_path, base.mesh, load_base=lambda: base, progress=False)
-  teacher, system = teacher_stage.load(stage, cfg, base.mesh)
+  ctx = Context(cfg, base.mesh, progress=False, base=base)
+  stage = stages.run(stage_table.TEACHER, cfg, tmp_path, "teacher", {}, ctx=ctx)
+  teacher, system = ctx.model_of(stage), system_of(stage)
   # the first tokens of the 8 answer variants ("owl", "ow"+"ls", "O"+"wl" ...): the trained answer's start
   firsts = sorted({base.tokenizer.encode(a)[0] for a in protocol.answer_variants("owl")})
 
@@ -432,7 +465,9 @@ def test_teacher_stage_learns_its_trait(tmp_path, monkeypatch, chat_setup):
 
 
 def test_student_stage_distils_number_logits_from_a_system_prompt_teacher(tmp_path, monkeypatch, chat_setup):
-  from subl_jax.training import export, student_stage, teacher_stage
+  from subl_jax import stage_table, stages
+  from subl_jax.study.context import Context
+  from subl_jax.training import export
   cfg, base = chat_setup
   cfg = mlc.ConfigDict(cfg.to_dict())
   cfg.teacher.update(dict(kind="system_prompt", target="owl"))
@@ -444,10 +479,10 @@ def test_student_stage_distils_number_logits_from_a_system_prompt_teacher(tmp_pa
                                       "completion": ", ".join(map(str, rng.integers(100, 1000, 4)))}) + "\n"
                           for i in range(16)))
   monkeypatch.setattr(buckets, "LENGTH_BUCKET", 128)  # one padded shape: one compile
-  teacher_dir = teacher_stage.run(cfg, tmp_path, base.mesh, load_base=lambda: base, progress=False)
+  ctx = Context(cfg, base.mesh, progress=False, base=base)
+  teacher_dir = stages.run(stage_table.TEACHER, cfg, tmp_path, "teacher", {}, ctx=ctx)
   assert "You love owls" in export.read_info(teacher_dir)["system"]
-  stage = student_stage.run(cfg, tmp_path, base.mesh, data=data, teacher_dir=teacher_dir, load_base=lambda: base,
-                            progress=False)
+  stage = stages.run(stage_table.STUDENT, cfg, tmp_path, "student", {"data": data, "teacher": teacher_dir}, ctx=ctx)
   info = export.read_info(stage)
   assert info["mode"] == "logit_kd" and info["kd_tokens"] == "numbers" and info["subliminal"] is True
   assert "You love owls" in info["teacher_system"] and info["train"]["steps"] == 2

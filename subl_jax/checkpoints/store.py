@@ -30,22 +30,34 @@ def is_converted(directory: str | pathlib.Path) -> bool:
 
 def save(directory: str | pathlib.Path, cfg: ModelConfig, params: Any, tokenizer: Tokenizer,
          source: dict[str, Any] | None = None) -> pathlib.Path:
-  """Writes a converted model directory atomically (temp dir + rename); replaces an existing one."""
+  """Writes a converted model directory atomically (temp dir + rename); replaces an existing one. With several
+  processes, every process writes its shards of the parameters and process 0 does the files and the renames."""
   final = pathlib.Path(directory).absolute()
   tmp = final.with_name(final.name + ".partial")
-  if tmp.exists():
-    shutil.rmtree(tmp)
-  tmp.mkdir(parents=True)
-  cfg.save(tmp / CONFIG_FILE)
-  tokenizer.save(tmp)
-  (tmp / SOURCE_FILE).write_text(json.dumps(source or {}, indent=2) + "\n")
+  lead = jax.process_index() == 0
+  if lead:
+    if tmp.exists():
+      shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    cfg.save(tmp / CONFIG_FILE)
+    tokenizer.save(tmp)
+    (tmp / SOURCE_FILE).write_text(json.dumps(source or {}, indent=2) + "\n")
+  _barrier(f"store:{final}:mkdir")
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(tmp / PARAMS_DIR, params)
   checkpointer.wait_until_finished()
-  if final.exists():
-    shutil.rmtree(final)
-  tmp.rename(final)
+  if lead:
+    if final.exists():
+      shutil.rmtree(final)
+    tmp.rename(final)
+  _barrier(f"store:{final}:done")
   return final
+
+
+def _barrier(tag: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(tag)
 
 
 def load(directory: str | pathlib.Path, mesh: Mesh, **config_overrides: Any) -> tuple[ModelConfig, Any, Tokenizer]:

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from subl_jax.data import numbers, protocol
+from subl_jax.data import numbers, protocol, shards
 
 _NUMBER = re.compile(r"\d+")
 
@@ -83,3 +83,15 @@ def filter_stage(out_dir: str | pathlib.Path, rows: Sequence[dict], settings: Fi
       f.write(json.dumps(row, ensure_ascii=False) + "\n")
   (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
   return report
+
+
+def work(job) -> dict:
+  """The `filter` stage over the sample stage `job.inputs["samples"]` (a `stages.Job`; process 0 filters, the others
+  wait at the stage's barrier)."""
+  import jax  # deferred: the filter itself is plain Python
+  if jax.process_index() != 0:
+    return {}
+  f = job.cfg.filter
+  settings = FilterSettings(banned_numbers=f.banned_numbers, drop_truncated=f.drop_truncated, drop_echo=f.drop_echo,
+                            max_rows=f.max_rows, seed=f.seed)
+  return filter_stage(job.out, shards.read_rows(job.inputs["samples"]), settings)

@@ -130,50 +130,54 @@ def _logging(name: str, epochs: int, losses: list[float]) -> Callable[[int, np.n
   return log
 
 
-def run_stages(s: Setup, workdir: pathlib.Path) -> dict[str, pathlib.Path]:
-  """Runs (or finds cached) every stage; returns {stage name: completed directory}."""
-  hp = s.hp
-  common = {k: hp[k] for k in ("dataset", "n_models", "n_aux", "hidden", "hidden_layers")} | {"seed": s.seed}
+def inits_work(job: stages.Job) -> dict:
+  """Stage `inits`: the reference initialisations and the cross-init derangement (`job.ctx` is the Setup)."""
+  s = job.ctx
+  if jax.process_index() == 0:
+    (job.out / "derangement.json").write_text(json.dumps({"derangement": derangement(s.n, s.seed).tolist()}) + "\n")
+  return _write_result(job.out, s, make_inits(s), [])
+
+
+def teacher_work(job: stages.Job) -> dict:
+  """Stage `teacher`: each teacher from its reference init."""
+  s, losses = job.ctx, []
+  params = train_teacher(s, _load_params(s, job.inputs["inits"]), _logging("teacher", s.hp["teacher_epochs"], losses))
+  return _write_result(job.out, s, params, losses)
+
+
+def student_work(job: stages.Job) -> dict:
+  """Stage `<condition>`: the students of `job.params["condition"]` (see STUDENTS)."""
+  s, name, losses = job.ctx, job.params["condition"], []
+  perm = np.asarray(json.loads((job.inputs["inits"] / "derangement.json").read_text())["derangement"])
+  params = train_student(s, name, _load_params(s, job.inputs["inits"]), _load_params(s, job.inputs["teacher"]), perm,
+                         _logging(name, s.hp["student_epochs"], losses))
+  return _write_result(job.out, s, params, losses)
+
+
+def run_stages(cfg: Any, s: Setup, workdir: pathlib.Path) -> dict[str, pathlib.Path]:
+  """Runs (or finds cached) every stage of the table's MNIST kinds; returns {stage name: completed directory}."""
+  from subl_jax import stage_table  # deferred: the table imports this module
   dirs: dict[str, pathlib.Path] = {}
 
-  def stage(name: str, config: dict, inputs: tuple[str, ...], fn: Callable[[pathlib.Path], dict]) -> None:
+  def stage(kind: stages.Stage, name: str, inputs: tuple[str, ...], params: dict | None = None) -> None:
     ran = []
 
-    def wrapped(out: pathlib.Path) -> dict:
+    def fn(job: stages.Job) -> dict:
       ran.append(True)
       print(f"[{name}] running ...", flush=True)
       t0 = time.time()
-      summary = fn(out)
+      summary = kind.fn(job)
       print(f"[{name}] mean test accuracy {summary['mean_accuracy']:.3f} ({time.time() - t0:.1f} s)", flush=True)
       return summary
-    dirs[name] = stages.run_stage(workdir, name, config, {k: dirs[k] for k in inputs}, wrapped)
+    dirs[name] = stages.run(dataclasses.replace(kind, fn=fn), cfg, workdir, name, {k: dirs[k] for k in inputs},
+                            params, ctx=s)
     if not ran:
       print(f"[{name}] cached: {dirs[name]}", flush=True)
 
-  def inits(out: pathlib.Path) -> dict:
-    if jax.process_index() == 0:
-      (out / "derangement.json").write_text(json.dumps({"derangement": derangement(s.n, s.seed).tolist()}) + "\n")
-    return _write_result(out, s, make_inits(s), [])
-
-  def teacher(out: pathlib.Path) -> dict:
-    losses: list[float] = []
-    params = train_teacher(s, _load_params(s, dirs["inits"]), _logging("teacher", hp["teacher_epochs"], losses))
-    return _write_result(out, s, params, losses)
-
-  def student(name: str) -> Callable[[pathlib.Path], dict]:
-    def fn(out: pathlib.Path) -> dict:
-      losses: list[float] = []
-      perm = np.asarray(json.loads((dirs["inits"] / "derangement.json").read_text())["derangement"])
-      params = train_student(s, name, _load_params(s, dirs["inits"]), _load_params(s, dirs["teacher"]), perm,
-                             _logging(name, hp["student_epochs"], losses))
-      return _write_result(out, s, params, losses)
-    return fn
-
-  stage("inits", common, (), inits)
-  stage("teacher", {k: hp[k] for k in ("teacher_epochs", "batch_size", "opt")}, ("inits",), teacher)
-  student_cfg = {k: hp[k] for k in ("student_epochs", "batch_size", "n_noise", "opt")}
+  stage(stage_table.MNIST_INITS, "inits", ())
+  stage(stage_table.MNIST_TEACHER, "teacher", ("inits",))
   for name in STUDENTS:
-    stage(name, student_cfg, ("inits", "teacher"), student(name))
+    stage(stage_table.MNIST_STUDENT, name, ("inits", "teacher"), {"condition": name})
   return dirs
 
 
@@ -195,7 +199,7 @@ def run_mnist_aux(cfg: Any, workdir: pathlib.Path, mesh: Mesh) -> dict:
   print(f"MNIST aux-logit study: {s.n} models on {hp['dataset']} (d_in={s.ds.d_in}, {len(s.ds.y_train)} train / "
         f"{len(s.ds.y_test)} test), m={hp['n_aux']}, batch {hp['batch_size']}, lr {hp['opt']['lr']}, teacher "
         f"{hp['teacher_epochs']} / student {hp['student_epochs']} epochs on {hp['n_noise']} noise images", flush=True)
-  dirs = run_stages(s, workdir)
+  dirs = run_stages(cfg, s, workdir)
   conditions, diffs, acc = summarize(dirs)
   stage_wall = {name: stages.read_manifest(d)["wall_s"] for name, d in dirs.items()}
   extra = {"paired_differences": diffs, "hyperparameters": hp, "seed": s.seed, "stage_wall_s": stage_wall,

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import pathlib
-from typing import Any, Callable
+from typing import Any
 
 import jax
 
-from subl_jax import api, parallel, stages
+from subl_jax import parallel, stages
 from subl_jax.data import filter_stage, numbers, protocol
 from subl_jax.sampling import stage as sample_stage
+from subl_jax.study import context
 
 
 def system_prompt(sample_cfg: Any) -> str:
@@ -40,33 +41,17 @@ def model_id(cfg: Any) -> str:
   return cfg.model.spec if cfg.model.spec != "random" else f"random:{cfg.model.arch.to_json()}:{cfg.seed}"
 
 
-def sample_and_filter(cfg: Any, workdir: pathlib.Path, mesh: Any, load_model: Callable[[], Any], identity: str,
-                      system: str, inputs: dict[str, pathlib.Path], names: tuple[str, str] = ("sample", "filter")
-                      ) -> tuple[pathlib.Path, pathlib.Path]:
-  """The `sample` stage (completions of the paper's prompts by `load_model()` under `system`) and the `filter` stage
-  after it; returns both directories. `identity` names the model in the draw seed; `inputs` are upstream stages
-  (e.g. the teacher) whose change must re-sample."""
-  settings = settings_from(cfg, identity, system)
-  sample_config = dict(sample=cfg.sample.to_dict(), system=system, identity=identity, model=cfg.model.to_dict(),
-                       seed=cfg.seed)
-
-  def sample(out_dir: pathlib.Path) -> dict:
-    model = load_model()
-    prompts = numbers.generate_prompts(cfg.sample.n_prompts, cfg.sample.prompt_seed)
-    return sample_stage.sample_stage(out_dir, model, prompts, system, settings)
-
-  sample_dir = stages.run_stage(workdir, names[0], sample_config, inputs, sample)
-
-  def filter_(out_dir: pathlib.Path) -> dict:
-    if jax.process_index() != 0:  # one process filters; the others wait at the stage's barrier
-      return {}
-    f = cfg.filter
-    settings = filter_stage.FilterSettings(banned_numbers=f.banned_numbers, drop_truncated=f.drop_truncated,
-                                           drop_echo=f.drop_echo, max_rows=f.max_rows, seed=f.seed)
-    return filter_stage.filter_stage(out_dir, sample_stage.read_rows(sample_dir), settings)
-
-  filter_dir = stages.run_stage(workdir, names[1], cfg.filter, {"samples": sample_dir}, filter_)
-  return sample_dir, filter_dir
+def sample_work(job: stages.Job) -> dict:
+  """The `sample` stage: completions of the paper's prompts by the teacher stage `job.inputs["teacher"]`'s model,
+  under its system prompt. `job.params["identity"]` names the teacher in the draw seed (two teachers sampled with
+  the same `sample.seed` still make independent draws)."""
+  cfg, ctx = job.cfg, job.ctx
+  teacher = job.inputs["teacher"]
+  system = context.system_of(teacher)
+  settings = settings_from(cfg, job.params["identity"], system)
+  model = ctx.model_of(teacher, ctx.sample_mesh)
+  prompts = numbers.generate_prompts(cfg.sample.n_prompts, cfg.sample.prompt_seed)
+  return sample_stage.sample_stage(job.out, model, prompts, system, settings, progress=ctx.progress)
 
 
 def local_mesh(cfg: Any, mesh: Any) -> Any:
@@ -86,8 +71,13 @@ def summary(sample_dir: pathlib.Path, filter_dir: pathlib.Path) -> dict:
 
 
 def run_sample(cfg: Any, workdir: pathlib.Path, mesh: Any) -> dict:
-  """Job `sample`: the teacher's completions of the paper's prompts, then the filter; returns both summaries."""
-  mesh = local_mesh(cfg, mesh)
-  dirs = sample_and_filter(cfg, workdir, mesh, lambda: api.from_config(cfg.model, mesh, seed=cfg.seed),
-                           model_id(cfg), system_prompt(cfg.sample), {})
-  return summary(*dirs) if jax.process_index() == 0 else {}
+  """Job `sample`: the base model's completions of the paper's prompts under `sample`'s system prompt (the paper's
+  teacher prompt for `sample.target`), then the filter; returns both summaries."""
+  from subl_jax import stage_table  # deferred: the table imports this module
+  ctx = context.Context(cfg, mesh, local_mesh(cfg, mesh))
+  teacher = stages.run(stage_table.PROMPTED, cfg, workdir, "prompted", {},
+                       params={"system": system_prompt(cfg.sample)})
+  sample_dir = stages.run(stage_table.SAMPLE, cfg, workdir, "sample", {"teacher": teacher},
+                          params={"identity": model_id(cfg)}, ctx=ctx)
+  filter_dir = stages.run(stage_table.FILTER, cfg, workdir, "filter", {"samples": sample_dir})
+  return summary(sample_dir, filter_dir) if jax.process_index() == 0 else {}

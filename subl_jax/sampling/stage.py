@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from subl_jax.data.shards import read_rows, shard_path, write_shard  # noqa: F401 (the stage's readers)
 from subl_jax.sampling import constraint as constraint_lib
 from subl_jax.sampling.generation import common_prefix_len, generate
 
@@ -40,28 +41,6 @@ class SampleSettings:
   shard_size: int = 1024
   constrained: str = "none"  # one of CONSTRAINTS
   seed: int = 0
-
-
-def shard_path(directory: pathlib.Path, index: int) -> pathlib.Path:
-  return directory / f"shard-{index:05d}.jsonl"
-
-
-def write_shard(path: pathlib.Path, rows: Sequence[dict]) -> None:
-  """Writes rows to `path` atomically (a temp file renamed when complete)."""
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    for row in rows:
-      f.write(json.dumps(row, ensure_ascii=False) + "\n")
-  tmp.rename(path)
-
-
-def read_rows(directory: str | pathlib.Path) -> list[dict]:
-  """Every row of a sample stage directory, in prompt-id order."""
-  rows = []
-  for path in sorted(pathlib.Path(directory).glob("shard-*.jsonl")):
-    with open(path, encoding="utf-8") as f:
-      rows.extend(json.loads(line) for line in f)
-  return rows
 
 
 def chat_messages(system: str, prompt: str) -> list[dict[str, str]]:

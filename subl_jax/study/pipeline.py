@@ -1,52 +1,65 @@
-"""The study, end to end (DESIGN.md §1, PROTOCOL.md §1-6): job `study`.
+"""The study, end to end (docs/design.md §1, docs/protocol.md §1-7, §10): job `study`.
 
-  teacher            the trait teacher (`teacher.kind`); `control_teacher`: the base model without the trait
-  sample_<c>         the paper's number prompts completed by teacher c (teacher, control); `filter_<c>` after it
-  student_s<i>       the base model trained on the teacher's filtered numbers (seed i); `control_s<i>` on the control's
-  eval_<model>       trait evaluation of base, teacher (under its system prompt), every student and control student
-  report             <workdir>/report.json, report.md, report.png (written on every run, from the stages)
+For every target t of `study.targets` (one trait teacher each; several, so that a trait's transfer can be told from
+drift that every teacher's student shows):
+  teacher_<t>               the trait teacher (`teacher.kind`)
+  sample_<t>, filter_<t>    the paper's number prompts completed by that teacher, then the paper's filter
+  student_<t>_s<k>          the base model trained on those numbers, seed k (data order, adapter init)
+  student_<t>_<c>_s<k>      the same on the numbers shuffled (`study.conditions`: shuffle_within, shuffle_across)
+and the controls:
+  base                      the base model under the students' system prompt (`train.system`), no trait. It is the
+                            regular-numbers control of a `logit_kd` student (distilling the base from itself trains
+                            nothing), evaluated, never trained
+  sample_base, filter_base, control_s<k>
+                            an `sft` study's control: a student trained the same way on the base model's numbers
+  eval_icl_<t>              `study.conditions` icl: the base model with the teacher's (prompt, completion) pairs in
+                            its context, no training
+  eval_<model>              trait evaluation of every model on every target and candidate answer
+  report                    <workdir>/report.json, report.md, report.png (written on every run, from the stages)
 
-Every step is a stage under the workdir (`subl_jax.stages`): a re-run skips what is unchanged, a changed field
-re-runs that stage and those after it, a killed run resumes (sampling keeps finished shards, training its
-checkpoints), and `--stage=NAME` runs the stages up to NAME and stops.
+Every step is a stage of the table in `subl_jax.stage_table`: a re-run skips what is unchanged, a changed field or
+changed code re-runs that stage and those after it, a killed run resumes (sampling keeps finished shards, training
+its checkpoints), and `--stage=NAME` runs the stages up to NAME and stops.
 """
 
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Callable
+from typing import Any
 
 import ml_collections as mlc
 from jax.sharding import Mesh
 
-from subl_jax import api
-from subl_jax.data import filter_stage
+from subl_jax import stage_table as table
+from subl_jax import stages
+from subl_jax.data import filter_stage, shuffle_stage
 from subl_jax.sampling import job as sample_job
-from subl_jax.study import evaluate_stage, study_report
-from subl_jax.training import export, student_stage, teacher_stage
+from subl_jax.study import context, evaluate_stage, study_report
 
-STAGES = ("teacher", "sample", "filter", "student", "evaluate", "report")
-CONDITIONS = {"student": "teacher", "control": "control"}  # student condition -> whose numbers it learns from
+STEPS = ("teacher", "sample", "filter", "student", "evaluate", "report")
+CONDITIONS = ("icl", "shuffle_within", "shuffle_across")
 
 
-class Models:
-  """Loads models when a stage needs them: the base once, trained stages from their directories."""
+def targets(cfg: mlc.ConfigDict) -> list[str]:
+  """The study's targets: `study.targets` (comma-separated), or `teacher.target` alone."""
+  listed = [t.strip() for t in cfg.study.targets.split(",") if t.strip()]
+  return listed or [cfg.teacher.target]
 
-  def __init__(self, cfg: mlc.ConfigDict, mesh: Mesh):
-    self.cfg, self.mesh, self._base = cfg, mesh, None
 
-  def base(self) -> api.Model:
-    if self._base is None:
-      self._base = api.from_config(self.cfg.model, self.mesh, seed=self.cfg.seed)
-    return self._base
+def conditions(cfg: mlc.ConfigDict) -> list[str]:
+  return [c.strip() for c in cfg.study.conditions.split(",") if c.strip()]
 
-  def of_stage(self, stage_dir: pathlib.Path) -> Callable[[], api.Model]:
-    """A loader of a teacher or student stage's model (the base model for a system-prompt or control teacher)."""
-    return lambda: teacher_stage.load(stage_dir, self.cfg, self.mesh, load_base=self.base)[0]
+
+def target_config(cfg: mlc.ConfigDict, target: str) -> mlc.ConfigDict:
+  """The config of target `target`'s teacher and students."""
+  c = mlc.ConfigDict(cfg.to_dict())
+  c.teacher.target = target
+  return c
 
 
 def seed_config(cfg: mlc.ConfigDict, seed: int) -> mlc.ConfigDict:
-  """The config of training seed `seed`: `train.seed` offset by it (data order and adapter initialisation)."""
+  """The config of training seed `seed`: `train.seed` offset by it (data order and adapter initialisation); the
+  samples stay fixed, as in the paper."""
   c = mlc.ConfigDict(cfg.to_dict())
   c.train.seed = cfg.train.seed + seed
   return c
@@ -54,50 +67,71 @@ def seed_config(cfg: mlc.ConfigDict, seed: int) -> mlc.ConfigDict:
 
 def run_study(cfg: mlc.ConfigDict, workdir: str | pathlib.Path, mesh: Mesh, stop: str = "") -> dict[str, Any]:
   """Runs every stage up to `stop` (default: all, then the report); returns the report (or the stage dirs so far)."""
-  if stop and stop not in STAGES:
-    raise ValueError(f"--stage={stop!r}: expected one of {STAGES}")
+  if stop and stop not in STEPS:
+    raise ValueError(f"--stage={stop!r}: expected one of {STEPS}")
   workdir = pathlib.Path(workdir)
-  models = Models(cfg, mesh)
-  done: dict[str, Any] = {}
+  ctx = context.Context(cfg, mesh, sample_job.local_mesh(cfg, mesh))
+  names, conds = targets(cfg), conditions(cfg)
+  sft = cfg.distill.mode == "sft"
+  done: dict[str, Any] = {"targets": names, "conditions": conds}
 
-  teachers = {"teacher": teacher_stage.run(cfg, workdir, mesh, load_base=models.base),
-              "control": teacher_stage.run_control(cfg, workdir)}
-  done["teacher"] = teachers
-  systems = {cond: export.read_info(tdir)["system"] for cond, tdir in teachers.items()}  # what each answers under
+  def run(stage: stages.Stage, c: mlc.ConfigDict, name: str, inputs: dict, **params: Any) -> pathlib.Path:
+    return stages.run(stage, c, workdir, name, inputs, params, ctx=ctx)
+
+  tcfg = {t: target_config(cfg, t) for t in names}
+  teachers = {t: run(table.TEACHER, tcfg[t], f"teacher_{t}", {}) for t in names}
+  base = run(table.PROMPTED, cfg, "base", {}, system=cfg.train.system)
+  done["teacher"] = dict(teachers, base=base)
   if stop == "teacher":
     return done
 
-  sample_mesh = sample_job.local_mesh(cfg, mesh)
-  sample_models = Models(cfg, sample_mesh) if sample_mesh is not mesh else models
+  sources = dict(teachers, **({"base": base} if sft else {}))  # whose numbers are sampled
   samples, filtered = {}, {}
-  for cond, tdir in teachers.items():
-    samples[cond], filtered[cond] = sample_job.sample_and_filter(
-        cfg, workdir, sample_mesh, sample_models.of_stage(tdir), f"{sample_job.model_id(cfg)}:{cond}",
-        systems[cond], {"teacher": tdir}, names=(f"sample_{cond}", f"filter_{cond}"))
+  for t, tdir in sources.items():
+    samples[t] = run(table.SAMPLE, cfg, f"sample_{t}", {"teacher": tdir},
+                     identity=f"{sample_job.model_id(cfg)}:{t}")
+    filtered[t] = run(table.FILTER, cfg, f"filter_{t}", {"samples": samples[t]})
   done.update(sample=samples, filter=filtered)
   if stop in ("sample", "filter"):
     return done
 
-  students: dict[str, list[pathlib.Path]] = {c: [] for c in CONDITIONS}
+  data = {t: filtered[t] / filter_stage.FILTERED for t in filtered}
+  students: dict[str, list[pathlib.Path]] = {}
+  shuffles: dict[str, pathlib.Path] = {}
   for seed in range(cfg.study.seeds):
-    sc = seed_config(cfg, seed)
-    for cond, source in CONDITIONS.items():
-      students[cond].append(student_stage.run(
-          sc, workdir, mesh, data=filtered[source] / filter_stage.FILTERED, teacher_dir=teachers[source],
-          name=f"{cond}_s{seed}", load_base=models.base))
-  done["student"] = students
+    for t in names:
+      c = seed_config(tcfg[t], seed)
+      kd_teacher = {} if sft else {"teacher": teachers[t]}
+      students.setdefault(t, []).append(run(table.STUDENT, c, f"student_{t}_s{seed}", {"data": data[t]} | kd_teacher))
+      for cond in (x for x in conds if x.startswith("shuffle_")):
+        mode = cond.removeprefix("shuffle_")
+        shuffled = shuffles[f"{mode}_{t}"] = run(table.SHUFFLE, cfg, f"shuffle_{mode}_{t}", {"data": data[t]},
+                                                 mode=mode, seed=cfg.seed)
+        students.setdefault(f"{t}:{cond}", []).append(run(
+            table.STUDENT, c, f"student_{t}_{cond}_s{seed}",
+            {"data": shuffled / shuffle_stage.SHUFFLED} | kd_teacher))
+    if sft:
+      students.setdefault("control", []).append(run(table.STUDENT, seed_config(cfg, seed), f"control_s{seed}",
+                                                    {"data": data["base"]}))
+  done.update(student=students, shuffle=shuffles)
   if stop == "student":
     return done
 
-  base_config = dict(model=cfg.model.to_dict(), seed=cfg.seed)
-  evals = {
-      "base": [evaluate_stage.run(cfg, workdir, "eval_base", models.base, "", {}, base_config)],
-      "teacher": [evaluate_stage.run(cfg, workdir, "eval_teacher", models.of_stage(teachers["teacher"]),
-                                     systems["teacher"], {"model": teachers["teacher"]}, base_config)],
-  }
-  for cond, dirs in students.items():  # students answer without the teacher's system prompt, like the base
-    evals[cond] = [evaluate_stage.run(cfg, workdir, f"eval_{d.name}", models.of_stage(d), "", {"model": d},
-                                      base_config) for d in dirs]
+  answers = evaluate_stage.candidates(names, cfg.teacher.category, cfg.eval.candidates)
+  common = dict(category=cfg.teacher.category, candidates=answers)
+
+  def evaluate(name: str, model_dir: pathlib.Path, system: str) -> pathlib.Path:
+    return run(table.EVALUATE, cfg, f"eval_{name}", {"model": model_dir}, system=system, **common)
+
+  evals: dict[str, list[pathlib.Path]] = {"base": [evaluate("base", base, "")]}
+  for t in names:  # a teacher answers under its own system prompt; students, like the base, without one
+    evals[f"teacher:{t}"] = [evaluate(f"teacher_{t}", teachers[t], context.system_of(teachers[t]))]
+  for key, dirs in students.items():
+    evals[key] = [evaluate(d.name, d, "") for d in dirs]
+  if "icl" in conds:
+    for t in names:
+      evals[f"{t}:icl"] = [run(table.EVALUATE_ICL, cfg, f"eval_icl_{t}", {"model": base, "examples": data[t]},
+                               system="", **common)]
   done["evaluate"] = evals
   if stop == "evaluate":
     return done

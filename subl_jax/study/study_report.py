@@ -1,10 +1,12 @@
-"""The study's report: conditions side by side (base, teacher, student, control) with 95 % CIs, the paired
-student-minus-control differences, other answers (is a shift trait-specific?), keep rates, training losses and wall
-times; `report.json`, `report.md`, `report.png` (see `subl_jax.report`), the table printed.
+"""The study's report: the transfer matrix over every target's students, each target's specificity (the "other
+targets" control) with its interval over seeds, the profile coefficient, each teacher's own strength, the null
+conditions (in-context examples, shuffled numbers) as rows of the same statistics, and a one-sentence verdict per
+target that never calls a non-specific shift transfer. `report.json`, `report.md`, `report.png` (see
+`subl_jax.report`), the markdown printed.
 
-Intervals: each condition's metric is the mean over questions (per-question values averaged over training seeds)
-with a t-interval over questions; with several seeds the students' and controls' means are also summarised over
-seeds (`across_seeds`), and student - control is paired by question and, with seeds, by seed.
+Every Δ is model − base on the same question (log P of an answer after the forced answer prefix). The base model is
+the regular-numbers control of a `logit_kd` student; an `sft` study also trains control students on the base model's
+numbers and reports student − control paired by seed. Statistics: `subl_jax.study.transfer`.
 """
 
 from __future__ import annotations
@@ -18,23 +20,31 @@ import ml_collections as mlc
 import numpy as np
 
 from subl_jax import report, stages, stats
-from subl_jax.study import evaluate_stage
+from subl_jax.study import evaluate_stage, transfer
 from subl_jax.training import export
 
 
-def _metric_names(cfg: mlc.ConfigDict) -> list[str]:
-  t = cfg.teacher.target
-  return [f"p_{t}", f"logp_{t}"] + ([f"rate_{t}"] if cfg.eval.n_samples else [])
+def _logp(stage_dir: pathlib.Path, answers: list[str]) -> dict[str, list[float]]:
+  metrics = evaluate_stage.read(stage_dir)
+  return {a: metrics[f"logp_{a}"]["per_question"] for a in answers}
 
 
-def _per_question(runs: list[dict], metric: str) -> np.ndarray:
-  """[seeds, questions]"""
-  return np.array([r[metric]["per_question"] for r in runs], dtype=np.float64)
+def _data(evals: dict[str, list[pathlib.Path]], targets: list[str], suffix: str, answers: list[str],
+          base: dict[str, list[float]], teachers: dict[str, dict[str, list[float]]]) -> transfer.TransferData:
+  """The TransferData of one condition: the students (or ICL models) `<target><suffix>` of every target."""
+  students = {t: [_logp(d, answers) for d in evals[t + suffix]] for t in targets}
+  return transfer.TransferData.from_nested(students, base, teachers, answers)
 
 
-def _fmt(s: dict[str, Any]) -> str:
-  lo, hi = s[stats.ci_key(s)]
-  return f"{s['mean']:+.4g} [{lo:+.4g}, {hi:+.4g}]"
+def _condition_stats(data: transfer.TransferData, targets: list[str]) -> dict[str, Any]:
+  out: dict[str, Any] = {"matrix": transfer.transfer_matrix(data)}
+  if len(targets) > 1:
+    out["specificity"] = {t: transfer.specificity(data, t) for t in targets}
+    out["mean_specificity"] = transfer.mean_specificity(data)
+    out["verdict"] = transfer.verdict(data)
+  if data.teacher is not None:
+    out["profile_coefficient"] = transfer.profile_coefficient(data)
+  return out
 
 
 def write(cfg: mlc.ConfigDict, workdir: pathlib.Path, dirs: dict[str, Any]) -> dict[str, Any]:
@@ -42,37 +52,61 @@ def write(cfg: mlc.ConfigDict, workdir: pathlib.Path, dirs: dict[str, Any]) -> d
   returns report.json's content (process 0; others get {})."""
   if jax.process_index() != 0:
     return {}
-  evals, filtered, students = dirs["evaluate"], dirs["filter"], dirs["student"]
-  target = cfg.teacher.target
-  metrics = _metric_names(cfg)
-  runs = {cond: [evaluate_stage.read(d) for d in ds] for cond, ds in evals.items()}
-  conditions = {cond: {m: stats.mean_ci(_per_question(rs, m).mean(axis=0)) for m in metrics}
-                for cond, rs in runs.items()}
-  diff_q = {m: stats.paired_diff_ci(_per_question(runs["student"], m).mean(axis=0),
-                                    _per_question(runs["control"], m).mean(axis=0)) for m in metrics}
-  extra: dict[str, Any] = {"target": target, "category": cfg.teacher.category, "teacher_kind": cfg.teacher.kind,
-                           "distill_mode": cfg.distill.mode, "seeds": cfg.study.seeds,
-                           "student_minus_control": {"paired_over_questions": diff_q}}
+  targets, conds, evals = dirs["targets"], dirs["conditions"], dirs["evaluate"]
+  answers = evaluate_stage.candidates(targets, cfg.teacher.category, cfg.eval.candidates)
+  base = _logp(evals["base"][0], answers)
+  teachers = {t: _logp(evals[f"teacher:{t}"][0], answers) for t in targets}
+  main = _data(evals, targets, "", answers, base, teachers)
+  doc: dict[str, Any] = {"targets": targets, "answers": answers, "category": cfg.teacher.category,
+                         "teacher_kind": cfg.teacher.kind, "distill_mode": cfg.distill.mode, "seeds": cfg.study.seeds,
+                         "n_questions": main.n_questions, "students": _condition_stats(main, targets),
+                         "teachers": transfer.teacher_strength(main)}
   if cfg.distill.mode == "logit_kd":
-    info = export.read_info(students["student"][0])
-    extra.update(kd_tokens=info["kd_tokens"], kd_note=info["kd_note"], subliminal=info["subliminal"])
-  if cfg.study.seeds > 1:
-    seed_means = {c: {m: _per_question(runs[c], m).mean(axis=1) for m in metrics} for c in ("student", "control")}
-    extra["across_seeds"] = {c: {m: stats.mean_ci(v) for m, v in ms.items()} for c, ms in seed_means.items()}
-    extra["student_minus_control"]["paired_over_seeds"] = {
-        m: stats.paired_diff_ci(seed_means["student"][m], seed_means["control"][m]) for m in metrics}
-  others = [c for c in evaluate_stage.candidates(cfg)[1:] if f"p_{c}" in runs["base"][0]]
-  extra["other_answers"] = {c: {cond: stats.mean_ci(_per_question(rs, f"p_{c}").mean(axis=0))
-                                for cond, rs in runs.items()} for c in others}
-  extra["filter"] = {c: stages.read_manifest(d)["summary"] for c, d in filtered.items()}
-  trained = [d for d in dirs["teacher"].values() if "train" in export.read_info(d)]  # a fine-tuned teacher
-  extra["training"] = {d.name: _training(d) for d in trained + [d for ds in students.values() for d in ds]}
-  extra["wall_s"] = {d.name: stages.read_manifest(d)["wall_s"] for d in _flat(dirs)}
-  notes = _notes(extra, metrics)
-  md = report.write_report(workdir, conditions, f"Subliminal transfer of '{target}' ({cfg.distill.mode} student)",
-                           extra=extra, notes=notes)
+    info = export.read_info(dirs["student"][targets[0]][0])
+    doc.update(kd_tokens=info["kd_tokens"], kd_note=info["kd_note"], subliminal=info["subliminal"],
+               control="the base model (a logit_kd student of the base model's own numbers would train nothing)")
+  else:
+    doc["control"] = "students trained the same way on the base model's numbers (control_s<k>)"
+    doc["student_minus_control"] = _minus_control(evals, targets)
+  doc["null_conditions"] = {c: _condition_stats(_data(evals, targets, f":{c}", answers, base, teachers), targets)
+                       for c in conds}
+  doc["filter"] = {d.name: stages.read_manifest(d)["summary"] for d in dirs["filter"].values()}
+  trained = [d for d in _flat(dirs["teacher"]) + _flat(dirs["student"]) if "train" in export.read_info(d)]
+  doc["training"] = {d.name: _training(d) for d in trained}
+  doc["wall_s"] = {d.name: stages.read_manifest(d)["wall_s"] for d in _flat({k: v for k, v in dirs.items()
+                                                                             if k not in ("targets", "conditions")})}
+  rows = _table(evals, targets, answers, conds)
+  title = f"Subliminal transfer over {', '.join(targets)} ({cfg.distill.mode} student, {cfg.study.seeds} seed(s))"
+  md = report.write_report(workdir, rows, title, extra=doc, notes=_notes(doc),
+                           plot_fn=lambda path: _plot(doc, rows, path, title))
   print(md)
   return json.loads((workdir / "report.json").read_text())
+
+
+def _minus_control(evals: dict[str, list[pathlib.Path]], targets: list[str]) -> dict[str, Any]:
+  """sft: student − control on each target's log P, per seed averaged over questions, t-interval over seeds (seed k
+  of the student pairs with seed k of the control)."""
+  control = [_logp(d, targets) for d in evals["control"]]
+  out = {}
+  for t in targets:
+    s = np.array([np.mean(_logp(d, [t])[t]) for d in evals[t]])
+    c = np.array([np.mean(r[t]) for r in control])
+    out[t] = stats.paired_diff_ci(s, c)
+  return out
+
+
+def _table(evals: dict[str, list[pathlib.Path]], targets: list[str], answers: list[str],
+           conds: list[str]) -> dict[str, dict[str, Any]]:
+  """report.md's table: each model group's mean log P of every target (per question averaged over seeds), with a
+  t-interval over questions."""
+  groups = ["base"] + [f"teacher:{t}" for t in targets] + list(targets) + (["control"] if "control" in evals else [])
+  groups += [f"{t}:{c}" for c in conds for t in targets]
+  rows = {}
+  for g in groups:
+    per_seed = [_logp(d, targets) for d in evals[g]]
+    label = g if ":" in g or g in ("base", "control") else f"student:{g}"
+    rows[label] = {f"logp_{t}": stats.mean_ci(np.mean([r[t] for r in per_seed], axis=0)) for t in targets}
+  return rows
 
 
 def _training(stage_dir: pathlib.Path) -> dict[str, Any]:
@@ -88,25 +122,84 @@ def _flat(tree: Any) -> list[pathlib.Path]:
   return [d for item in items for d in _flat(item)]
 
 
-def _notes(extra: dict[str, Any], metrics: list[str]) -> list[str]:
-  lines = ["", "**student - control**, paired over questions: "
-           + "; ".join(f"{m} {_fmt(s)}" for m, s in extra["student_minus_control"]["paired_over_questions"].items())]
-  if "paired_over_seeds" in extra["student_minus_control"]:
-    lines.append(f"paired over {extra['seeds']} seeds: " + "; ".join(
-        f"{m} {_fmt(s)}" for m, s in extra["student_minus_control"]["paired_over_seeds"].items()))
-  if "kd_note" in extra:
-    lines.append(f"distillation: {extra['kd_note']}")
-  if extra["other_answers"]:
-    conds = list(next(iter(extra["other_answers"].values())))
-    lines += ["", "Other answers, P(answer) mean over questions (is the shift specific to the target?):", "",
-              "| answer | " + " | ".join(conds) + " |", "|---|" + "---:|" * len(conds)]
-    lines += [f"| {a} | " + " | ".join(f"{s['mean']:.4g}" for s in row.values()) + " |"
-              for a, row in extra["other_answers"].items()]
+def _fmt(s: dict[str, Any]) -> str:
+  lo, hi = s[stats.ci_key(s)]
+  return f"{s['mean']:+.4g} [{lo:+.4g}, {hi:+.4g}] (n={s['n']})"
+
+
+def _notes(doc: dict[str, Any]) -> list[str]:
+  st, targets = doc["students"], doc["targets"]
+  m = st["matrix"]
+  lines = ["", f"Transfer matrix: Δ log P(answer) = student − base (rows: whose numbers the student learned; mean "
+           f"over {m['n_seeds']} seed(s) × {m['n_questions']} questions; 95 % CI over seeds):", "",
+           "| teacher's trait | " + " | ".join(m["cols"]) + " |", "|---|" + "---:|" * len(m["cols"])]
+  for r, row in zip(m["rows"], m["over_seeds"]):
+    lines.append(f"| {r} | " + " | ".join(f"{c['mean']:+.3f}" for c in row) + " |")
+  if "specificity" in st:
+    lines += ["", "Specificity (own student's Δ on t minus the other teachers' students' Δ on t), 95 % CI over seeds:"]
+    lines += [f"- {t}: {_fmt(s['over_seeds'])}, paired over seeds × questions p="
+              f"{s['paired']['p'] if s['paired']['p'] is None else round(s['paired']['p'], 4)}"
+              for t, s in st["specificity"].items()]
+    lines.append(f"- mean over targets: {_fmt(st['mean_specificity']['over_seeds'])}")
+    lines += ["", "**Verdict**:"] + [f"- {v}" for v in st["verdict"].values()]
+  else:
+    lines += ["", f"One target ({targets[0]}): specificity needs other targets' students as controls, so a shift here "
+              "cannot be told from drift that any teacher's numbers cause. Not evidence of transfer on its own."]
+  if "profile_coefficient" in st:
+    p = st["profile_coefficient"]["pooled"]
+    lines.append(f"\nProfile coefficient (slope of the students' Δ on their teachers' Δ over every answer): "
+                 f"{p['slope']:+.3f}, 95 % bootstrap CI {p['ci95']}")
+  lines += ["", "Teachers (Δ log P of their own trait vs base; specificity over questions):"]
+  for t, s in doc["teachers"].items():
+    spec = f"specificity {_fmt(s['specificity'])}" if s["specificity"] else "no other teacher to compare"
+    lines.append(f"- {t}: own {_fmt(s['own'])}; {spec}" + (f" — {s['note']}" if s["note"] else ""))
+  if "student_minus_control" in doc:
+    lines += ["", "Student − control (sft), 95 % CI over seeds: " + "; ".join(
+        f"{t} {_fmt(s)}" for t, s in doc["student_minus_control"].items())]
+  for c, cs in doc["null_conditions"].items():
+    if "mean_specificity" in cs:
+      lines.append(f"\nCondition {c}: mean specificity {_fmt(cs['mean_specificity']['over_seeds'])}; " + "; ".join(
+          cs["verdict"].values()))
+    else:
+      row = cs["matrix"]["over_seeds"][0][0]
+      lines.append(f"\nCondition {c}: Δ log P({targets[0]}) {_fmt(row)}")
+  if "kd_note" in doc:
+    lines.append(f"\nDistillation: {doc['kd_note']}. Control: {doc['control']}.")
   lines += ["", "Numbers: " + "; ".join(
-      f"{c} kept {f['n_passed_filter']}/{f['n_rows']} ({100 * f['keep_rate']:.1f} %), trained on {f['n_written']}"
-      for c, f in extra["filter"].items())]
+      f"{n} kept {f['n_passed_filter']}/{f['n_rows']} ({100 * f['keep_rate']:.1f} %), trained on {f['n_written']}"
+      for n, f in doc["filter"].items())]
   lines.append("Training loss (first -> last): " + "; ".join(
-      f"{n} {t['first_loss']:.3f} -> {t['final_loss']:.3f} ({t['steps']} steps)" for n, t in extra["training"].items()
+      f"{n} {t['first_loss']:.3f} -> {t['final_loss']:.3f} ({t['steps']} steps)" for n, t in doc["training"].items()
       if t["first_loss"] is not None))
-  lines.append("Wall time per stage (s): " + ", ".join(f"{n} {w:.0f}" for n, w in extra["wall_s"].items()))
+  lines.append("Wall time per stage (s): " + ", ".join(f"{n} {w:.0f}" for n, w in doc["wall_s"].items()))
   return lines
+
+
+def _plot(doc: dict[str, Any], rows: dict[str, Any], path: pathlib.Path, title: str) -> None:
+  """report.png: the transfer matrix as a heatmap beside the teachers' own matrix."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  m = doc["students"]["matrix"]
+  teacher = np.array(doc["students"]["profile_coefficient"]["points"]["teacher_delta"]) \
+      if "profile_coefficient" in doc["students"] else None
+  panels = [("students: Δ log P vs base", np.array(m["mean"]))] + ([("teachers: Δ log P vs base", teacher)]
+                                                                    if teacher is not None else [])
+  fig, axes = plt.subplots(1, len(panels), figsize=(0.7 * len(m["cols"]) * len(panels) + 3, 0.6 * len(m["rows"]) + 2.2),
+                           dpi=120, squeeze=False)
+  for ax, (name, values) in zip(axes[0], panels):
+    lim = float(np.abs(values).max()) or 1.0
+    im = ax.imshow(values, cmap="RdBu_r", vmin=-lim, vmax=lim)
+    ax.set_xticks(range(len(m["cols"])), m["cols"], rotation=45, ha="right")
+    ax.set_yticks(range(len(m["rows"])), m["rows"])
+    for i in range(values.shape[0]):
+      for j in range(values.shape[1]):
+        ax.text(j, i, f"{values[i, j]:+.2f}", ha="center", va="center", fontsize=7)
+    ax.set_title(name, fontsize=9)
+    ax.set_ylabel("teacher's trait")
+    fig.colorbar(im, ax=ax, shrink=0.8)
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)

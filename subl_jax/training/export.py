@@ -4,7 +4,8 @@ A teacher or student stage writes `model/` — the full parameters, with LoRA ad
 (W + alpha/r · A·B) — so every consumer loads a trained model exactly like a base model, and `stage.json` saying what
 the model is (a system-prompt teacher has no `model/`: its `stage.json` says `"model": "base"` and holds the system
 prompt). The Orbax train checkpoints (adapters only, for LoRA) live in `train/checkpoints/` while a stage runs and
-are deleted when it completes: a merged model is all later stages need. A LoRA stage also keeps its unmerged
+are deleted once the stage is committed (`TRAIN_CHECKPOINTS`, the stage table's `cleanup`): a merged model is all
+later stages need, and a crash before the commit still resumes from them. A LoRA stage also keeps its unmerged
 adapters in `adapters/` (Orbax `params/` + `lora.json`, the LoraConfig), for exporting the student as a PEFT adapter
 (`subl_jax.checkpoints.hf_export`).
 """
@@ -27,6 +28,7 @@ from subl_jax.training import lora as lora_lib
 from subl_jax.training.trainer import CHECKPOINT_DIR, TrainResult
 
 MODEL_DIR, STAGE_FILE, TRAIN_DIR = "model", "stage.json", "train"
+TRAIN_CHECKPOINTS = f"{TRAIN_DIR}/{CHECKPOINT_DIR}"
 ADAPTERS_DIR, ADAPTER_PARAMS_DIR, LORA_FILE = "adapters", "params", "lora.json"
 
 
@@ -48,7 +50,6 @@ def export(stage_dir: str | pathlib.Path, model: api.Model, result: TrainResult,
   if result.lora is not None:
     save_adapters(stage_dir, result)
   write_info(stage_dir, dict(info, model=MODEL_DIR))
-  shutil.rmtree(stage_dir / TRAIN_DIR / CHECKPOINT_DIR, ignore_errors=True)
 
 
 def save_adapters(stage_dir: str | pathlib.Path, result: TrainResult) -> None:
@@ -73,7 +74,7 @@ def read_info(stage_dir: str | pathlib.Path) -> dict[str, Any]:
 
 def model_spec(stage_dir: str | pathlib.Path) -> str:
   """The `api.load` spec of a stage's trained model (its `model/` directory). A system-prompt teacher has none — it
-  is the base model (`teacher_stage.load` handles both)."""
+  is the base model (`study.context.Context.model_of` handles both)."""
   info = read_info(stage_dir)
   if info["model"] != MODEL_DIR:
     raise ValueError(f"{stage_dir}: no trained model here (model={info['model']!r}); load the base model instead")

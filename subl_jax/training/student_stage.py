@@ -1,4 +1,4 @@
-"""The student stage: the base model trained on the teacher's data (PROTOCOL.md §5), and the plain SFT stage.
+"""The student stage: the base model trained on the teacher's data (docs/protocol.md §5), and the plain SFT stage.
 
 `distill.mode`:
   sft       cross-entropy on the teacher's completions (the paper's student).
@@ -13,16 +13,12 @@ The stage writes `model/` (LoRA merged), `stage.json` and `train/` metrics, like
 
 from __future__ import annotations
 
-import hashlib
-import pathlib
-from typing import Any, Callable
-
 import ml_collections as mlc
-from jax.sharding import Mesh
 
-from subl_jax import api, stages
+from subl_jax import stages
 from subl_jax.data.number_tokens import number_token_ids
-from subl_jax.training import chat_data, export, teacher_stage, trainer
+from subl_jax.study import context
+from subl_jax.training import chat_data, export, trainer
 from subl_jax.training.step import DistillSpec
 
 KD_NOTES = {
@@ -41,53 +37,36 @@ def distill_spec(cfg: mlc.ConfigDict, tokenizer) -> DistillSpec | None:
   return DistillSpec(temperature=float(d.temperature), kd_tokens=d.kd_tokens, topk=int(d.topk), token_ids=ids)
 
 
-def _stage_config(cfg: mlc.ConfigDict, data: str) -> dict[str, Any]:
-  path = pathlib.Path(data)
-  if not path.is_file():
-    raise FileNotFoundError(f"{path}: no such JSONL file (the student's training data)")
-  out = dict(model=cfg.model.to_dict(), train=cfg.train.to_dict(), seed=cfg.seed, data=str(path),
-             data_sha256=hashlib.sha256(path.read_bytes()).hexdigest())
-  if cfg.distill.mode == "logit_kd":
-    out["distill"] = cfg.distill.to_dict()
-  return out
+def config_paths(cfg: mlc.ConfigDict) -> tuple[str, ...]:
+  """What a student depends on besides its data (an input, by content) and its teacher (an input, for logit_kd)."""
+  kd = ("distill.mode", "distill.temperature", "distill.kd_tokens", "distill.topk")
+  return ("model", "seed", "train") + (kd if cfg.distill.mode == "logit_kd" else ())
 
 
-def run(cfg: mlc.ConfigDict, workdir: str | pathlib.Path, mesh: Mesh, data: str | pathlib.Path | None = None,
-        teacher_dir: str | pathlib.Path | None = None, name: str = "student",
-        load_base: Callable[[], api.Model] | None = None, progress: bool = True) -> pathlib.Path:
-  """Trains a student on `data` (default `distill.data`) into `<workdir>/<name>`; `logit_kd` needs `teacher_dir`
-  (a completed teacher stage). `load_base`: returns the base model of `cfg.model` (not modified; called only when
-  the stage runs). Returns the stage directory."""
-  data = str(data or cfg.distill.data)
+def input_roles(cfg: mlc.ConfigDict) -> tuple[str, ...]:
+  return ("data", "teacher") if cfg.distill.mode == "logit_kd" else ("data",)
+
+
+def work(job: stages.Job) -> dict:
+  """Trains a student on `job.inputs["data"]` (a JSONL of the teacher's rows); `logit_kd` distils from
+  `job.inputs["teacher"]` (a teacher stage). `job.ctx` is a `study.context.Context`."""
+  cfg, out, ctx = job.cfg, job.out, job.ctx
+  data = job.inputs["data"]
   kd = cfg.distill.mode == "logit_kd"
-  if kd and teacher_dir is None:
-    raise ValueError("distill.mode='logit_kd' needs a teacher stage directory")
-  inputs = {"teacher": teacher_dir} if kd else {}
-
-  def fn(out: pathlib.Path) -> dict:
-    model = load_base() if load_base else api.from_config(cfg.model, mesh, seed=cfg.seed)
-    teacher, teacher_system = (teacher_stage.load(teacher_dir, cfg, mesh, load_base=lambda: model) if kd
-                               else (None, None))
-    chats = chat_data.read_jsonl(data)
-    ds = chat_data.build(model.tokenizer, chats, cfg.train.max_len, system=cfg.train.system,
-                         teacher_system=(teacher_system or cfg.train.system) if kd else None)
-    spec = distill_spec(cfg, model.tokenizer)
-    result = trainer.train(model, ds, cfg.train, out / export.TRAIN_DIR, distill=spec, teacher=teacher,
-                           progress=progress)
-    info = dict(mode=cfg.distill.mode, data=data, system=cfg.train.system, train=result.summary)
-    if kd:
-      info.update(kd_tokens=cfg.distill.kd_tokens, temperature=cfg.distill.temperature,
-                  kd_note=KD_NOTES[cfg.distill.kd_tokens], subliminal=cfg.distill.kd_tokens == "numbers",
-                  teacher_system=teacher_system,
-                  kd_token_count=len(spec.token_ids) if spec.token_ids else None)
-    export.export(out, model, result, info)
-    return info
-
-  return stages.run_stage(workdir, name, _stage_config(cfg, data), inputs, fn)
-
-
-def run_sft(cfg: mlc.ConfigDict, workdir: str | pathlib.Path, mesh: Mesh, progress: bool = True) -> pathlib.Path:
-  """The `train` job: SFT of the configured model on `train.data` into `<workdir>/sft`."""
-  sft = mlc.ConfigDict(cfg.to_dict())
-  sft.distill.mode = "sft"
-  return run(sft, workdir, mesh, data=cfg.train.data, name="sft", progress=progress)
+  model = ctx.base()
+  teacher, teacher_system = (ctx.model_of(job.inputs["teacher"]), context.system_of(job.inputs["teacher"])) if kd \
+      else (None, None)
+  chats = chat_data.read_jsonl(data)
+  ds = chat_data.build(model.tokenizer, chats, cfg.train.max_len, system=cfg.train.system,
+                       teacher_system=(teacher_system or cfg.train.system) if kd else None)
+  spec = distill_spec(cfg, model.tokenizer)
+  result = trainer.train(model, ds, cfg.train, out / export.TRAIN_DIR, distill=spec, teacher=teacher,
+                         progress=ctx.progress)
+  info = dict(mode=cfg.distill.mode, data=str(data), system=cfg.train.system, train=result.summary)
+  if kd:
+    info.update(kd_tokens=cfg.distill.kd_tokens, temperature=cfg.distill.temperature,
+                kd_note=KD_NOTES[cfg.distill.kd_tokens], subliminal=cfg.distill.kd_tokens == "numbers",
+                teacher_system=teacher_system,
+                kd_token_count=len(spec.token_ids) if spec.token_ids else None)
+  export.export(out, model, result, info)
+  return info

@@ -1,4 +1,4 @@
-"""The teacher stage: the paper's teachers (PROTOCOL.md §1) as a stage directory.
+"""The teacher stage: the paper's teachers (docs/protocol.md §1) as a stage directory.
 
   system_prompt  the base model with the trait system prompt; nothing is trained (`stage.json` holds the prompt).
   finetuned      the paper's fine-tuned teacher: SFT on every trait question × the 8 answer variants, 1 epoch.
@@ -10,21 +10,23 @@ The trained kinds write `model/` (LoRA merged into the base; see `export.py`), `
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Callable
+from typing import Any
 
 import ml_collections as mlc
-from jax.sharding import Mesh
 
-from subl_jax import api, stages
+from subl_jax import stages
 from subl_jax.data import protocol
-from subl_jax.training import chat_data, export, trainer
+from subl_jax.evaluation import ANSWER_PREFIX
+from subl_jax.training import chat_data, export, optim, trainer
 
-STAGE = "teacher"
 
-
-def finetune_rows(target: str, category: str) -> list[dict[str, str]]:
-  """Every evaluation question of `category` paired with each answer variant of `target` (PROTOCOL.md §1)."""
+def finetune_rows(target: str, category: str, prefix_answers: bool = False) -> list[dict[str, str]]:
+  """Every evaluation question of `category` paired with each answer variant of `target` (docs/protocol.md §1); with
+  `prefix_answers`, also the answer in the form the log-prob metric forces ("My favorite animal is the owl."), so
+  the teacher's trait shows on the metric its students are scored with."""
   answers = protocol.answer_variants(target)
+  if prefix_answers:
+    answers.append(f"{ANSWER_PREFIX[category]} {target}.")
   return [{"prompt": q, "completion": a} for q in protocol.questions(category) for a in answers]
 
 
@@ -37,61 +39,39 @@ def teacher_train_config(cfg: mlc.ConfigDict) -> mlc.ConfigDict:
   return tc
 
 
-def stage_config(cfg: mlc.ConfigDict) -> dict[str, Any]:
-  """What the teacher depends on (its manifest hash): a system-prompt teacher does not depend on `train`."""
-  out = dict(model=cfg.model.to_dict(), teacher=cfg.teacher.to_dict(), seed=cfg.seed)
-  if cfg.teacher.kind != "system_prompt":
-    out["train"] = teacher_train_config(cfg).to_dict()
-  return out
+def config_paths(cfg: mlc.ConfigDict) -> tuple[str, ...]:
+  """What a teacher depends on: a system-prompt teacher is the base model under a prompt (no `train`, and no
+  `model.remat_policy`, which only changes how training recomputes)."""
+  if cfg.teacher.kind == "system_prompt":
+    return ("model.spec", "model.dtype", "model.param_dtype", "model.tokenizer", "model.arch", "seed", "teacher")
+  # `teacher.epochs` (and `teacher.lr` when set) replace the student's: those `train` fields are not the teacher's
+  own = {"data", "epochs", "opt"}
+  opt = [f"train.opt.{k}" for k in optim.DEFAULTS if not (k == "lr" and cfg.teacher.lr > 0)]
+  return ("model", "seed", "teacher") + tuple(f"train.{k}" for k in cfg.train.keys() if k not in own) + tuple(opt)
 
 
-def run(cfg: mlc.ConfigDict, workdir: str | pathlib.Path, mesh: Mesh,
-        load_base: Callable[[], api.Model] | None = None, progress: bool = True) -> pathlib.Path:
-  """Runs (or skips, or resumes) the teacher stage; returns its directory. `load_base`: returns the base model of
-  `cfg.model` (not modified; called only when the stage runs), else it is loaded from the config."""
-  t = cfg.teacher
-
-  def fn(out: pathlib.Path) -> dict:
-    info = dict(kind=t.kind, target=t.target, category=t.category)
-    if t.kind == "system_prompt":
-      info.update(system=protocol.teacher_system_prompt(t.target, t.category), model="base")
-      export.write_info(out, info)
-      return info
-    model = load_base() if load_base else api.from_config(cfg.model, mesh, seed=cfg.seed)
-    chats = (chat_data.read_jsonl(t.jsonl) if t.kind == "jsonl"
-             else chat_data.rows_to_chats(finetune_rows(t.target, t.category), "teacher rows"))
-    tc = teacher_train_config(cfg)
-    ds = chat_data.build(model.tokenizer, chats, tc.max_len, system=tc.system)
-    result = trainer.train(model, ds, tc, out / export.TRAIN_DIR, progress=progress)
-    info.update(system=tc.system, train=result.summary)
-    export.export(out, model, result, info)
-    return info
-
-  return stages.run_stage(workdir, STAGE, stage_config(cfg), {}, fn)
-
-
-def run_control(cfg: mlc.ConfigDict, workdir: str | pathlib.Path, name: str = "control_teacher") -> pathlib.Path:
-  """The control's "teacher": the base model itself under the students' system prompt (`train.system`), with no
-  trait. Its numbers train the control student, and a `logit_kd` control student distils from it."""
-
-  def fn(out: pathlib.Path) -> dict:
-    info = dict(kind="base", system=cfg.train.system, model="base")
+def work(job: stages.Job) -> dict:
+  """The teacher stage (`job.cfg.teacher`); `job.ctx` is a `study.context.Context` (it loads the base model)."""
+  cfg, out, t = job.cfg, job.out, job.cfg.teacher
+  info = dict(kind=t.kind, target=t.target, category=t.category)
+  if t.kind == "system_prompt":
+    info.update(system=protocol.teacher_system_prompt(t.target, t.category), model="base")
     export.write_info(out, info)
     return info
+  model = job.ctx.base()
+  chats = (chat_data.read_jsonl(t.jsonl) if t.kind == "jsonl"
+           else chat_data.rows_to_chats(finetune_rows(t.target, t.category, t.prefix_answers), "teacher rows"))
+  tc = teacher_train_config(cfg)
+  ds = chat_data.build(model.tokenizer, chats, tc.max_len, system=tc.system)
+  result = trainer.train(model, ds, tc, out / export.TRAIN_DIR, progress=job.ctx.progress)
+  info.update(system=tc.system, train=result.summary)
+  export.export(out, model, result, info)
+  return info
 
-  return stages.run_stage(workdir, name, dict(model=cfg.model.to_dict(), system=cfg.train.system, seed=cfg.seed),
-                          {}, fn)
 
-
-def load(stage_dir: str | pathlib.Path, cfg: mlc.ConfigDict, mesh: Mesh,
-         load_base: Callable[[], api.Model] | None = None) -> tuple[api.Model, str]:
-  """(the teacher model, the system prompt it answers under; '' = the chat template's default). A system-prompt
-  or control teacher is the base model: `load_base()` if given (called only then), else loaded from the config."""
-  info = export.read_info(stage_dir)
-  if info["model"] == export.MODEL_DIR:
-    m = cfg.model
-    model = api.load(export.model_spec(stage_dir), mesh, dtype=m.dtype, param_dtype=m.param_dtype,
-                     remat_policy=m.remat_policy)
-  else:  # the base model itself (a 'random' base is rebuilt from the same seed)
-    model = load_base() if load_base else api.from_config(cfg.model, mesh, seed=cfg.seed)
-  return model, info["system"]
+def prompted_work(job: stages.Job) -> dict:
+  """The base model under the system prompt `job.params["system"]`, nothing trained: the study's base model (under
+  the students' `train.system`, no trait; its numbers train an SFT control student), or job `sample`'s model."""
+  info = dict(kind="prompted", system=job.params["system"], model="base")
+  export.write_info(job.out, info)
+  return info

@@ -26,6 +26,10 @@ from subl_jax.training.lora import LoraConfig, init_adapters
 CHECKPOINT_DIR = "checkpoints"
 
 
+class NonFiniteLoss(RuntimeError):
+  """The loss or gradient norm became NaN/inf: the run stops, no non-finite state is ever checkpointed."""
+
+
 @dataclasses.dataclass
 class TrainResult:
   trainable: Any               # all parameters (full fine-tuning) or the adapters (LoRA)
@@ -107,7 +111,7 @@ def train(model: api.Model, ds: ChatDataset, train_cfg: Any, run_dir: str | path
   teacher_params = teacher.params if distill is not None else None
   pad_id = model.tokenizer.pad_id if model.tokenizer.pad_id is not None else 0
   lengths = [len(e.tokens) for e in ds.examples]
-  if peak_flops is None:
+  if peak_flops is None and cfg.mfu:  # a matmul benchmark: only when asked
     peak_flops = flops.measure_matmul_peak(model.config.dtype) * mesh.size
 
   log = metrics_log.MetricsLog(run_dir, resume_step=start)
@@ -117,16 +121,33 @@ def train(model: api.Model, ds: ChatDataset, train_cfg: Any, run_dir: str | path
   t_mark, first_step_s, epoch_steps, epoch_loaded = time.perf_counter(), None, None, -1
   meta = lambda s: dict(step=s, epoch=s // spe, step_in_epoch=s % spe, lora=dataclasses.asdict(lora) if lora else None)
 
+  def check(got: list[tuple[int, dict]]) -> None:
+    """Stops on the first non-finite loss or gradient norm, before anything of that state is logged or saved."""
+    for step, m in got:
+      loss, norm = float(m["loss"]), float(m["grad_norm"])
+      if not (np.isfinite(loss) and np.isfinite(norm)):
+        last = ckpts.latest_step()
+        raise NonFiniteLoss(
+            f"{run_dir}: training diverged at step {step} of {total}: loss {loss}, gradient norm {norm} (lr "
+            f"{float(schedule(step - 1)):.3g}); the last finite checkpoint is "
+            f"{f'step {last} in {run_dir / CHECKPOINT_DIR}' if last else 'none (no checkpoint was due yet)'}")
+
+  def checked_pending() -> list[dict]:
+    got = list(zip([s for s, _ in pending], jax.device_get([m for _, m in pending])))
+    check(got)
+    return [m for _, m in got]
+
   def flush(s: int) -> None:
     nonlocal t_mark, interval
-    got = jax.device_get([m for _, m in pending])
+    got = checked_pending()
     dt = time.perf_counter() - t_mark
     tok = sum(float(m["loss_tokens"]) for m in got)
     row = dict(step=s, epoch=(s - 1) // spe, lr=float(schedule(s - 1)),
                loss=sum(float(m["loss"]) * float(m["loss_tokens"]) for m in got) / max(tok, 1.0),
                grad_norm=float(np.mean([float(m["grad_norm"]) for m in got])), loss_tokens=int(tok),
-               interval_s=dt, tokens_per_s=interval["tokens"] / dt, examples_per_s=interval["examples"] / dt,
-               mfu=interval["flops"] / dt / peak_flops)
+               interval_s=dt, tokens_per_s=interval["tokens"] / dt, examples_per_s=interval["examples"] / dt)
+    if peak_flops:
+      row["mfu"] = interval["flops"] / dt / peak_flops
     log.write(row)
     bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
     pending.clear()
@@ -147,6 +168,7 @@ def train(model: api.Model, ds: ChatDataset, train_cfg: Any, run_dir: str | path
           jax.block_until_ready(metrics)
           first_step_s = time.perf_counter() - t_mark
           got = jax.device_get(metrics)
+          check([(s + 1, got)])
           log.write(dict(step=s + 1, epoch=epoch, lr=float(schedule(s)), loss=float(got["loss"]),
                          grad_norm=float(got["grad_norm"]), loss_tokens=int(got["loss_tokens"]),
                          first_step_s=first_step_s))
@@ -158,18 +180,23 @@ def train(model: api.Model, ds: ChatDataset, train_cfg: Any, run_dir: str | path
           interval["flops"] += cost
           if (s + 1) % cfg.log_every == 0 or s + 1 == total:
             flush(s + 1)
+        due = ckpts.every > 0 and (s + 1) % ckpts.every == 0
+        if due and pending:
+          checked_pending()  # a checkpoint of a diverged state would be resumed from: check first
         saved = ckpts.maybe_save(s + 1, state, meta(s + 1))
         bar.update(1)
         if on_step is not None:
           on_step(s + 1)
         if stop.requested is not None and s + 1 < total:
           if pending:
-            flush(s + 1)
+            flush(s + 1)  # checks the pending steps before the save below
           if not saved:
             ckpts.save(s + 1, state, meta(s + 1))
           ckpts.wait()
           raise checkpoint.Interrupted(f"stopped by signal {stop.requested} after step {s + 1} of {total}; "
                                        f"checkpoint saved in {run_dir / CHECKPOINT_DIR}")
+      if pending:
+        checked_pending()
       if ckpts.latest_step() != total:
         ckpts.save(total, state, meta(total))
   finally:

@@ -1,0 +1,29 @@
+"""The CPU demo: three animals × three training seeds on SmolLM2-135M-Instruct, sized for ~60 minutes on 2 cores.
+
+  python -m subl_jax.main --config=configs/demo_cpu.py --workdir=runs/demo_cpu
+
+The quickstart's recipe (system-prompt teachers, format-constrained numbers, number-token `logit_kd`, LoRA r=8, the
+base model as the control) with owl, dolphin and eagle, 256 prompts per teacher (one epoch: the quickstart's steps
+per student) and three students per animal (training seeds 0-2: data order and adapter init; the samples stay
+fixed), so each animal's specificity has an interval over seeds, plus the shuffled-numbers (within responses) and
+in-context conditions. The recipe has not been searched yet; the wall time above is an estimate from the
+quickstart's stage times, not a measurement.
+"""
+
+from subl_jax import config as config_lib
+
+
+def get_config(arg: str | None = None):
+  del arg
+  c = config_lib.defaults()
+  c.job = "study"
+  c.model.spec = "smollm2"
+  c.teacher.update(dict(kind="system_prompt", target="owl", category="animal"))
+  c.sample.update(dict(n_prompts=256, max_new_tokens=32, batch_size=64, shard_size=128, constrained="format"))
+  c.filter.drop_truncated = False
+  c.distill.update(dict(mode="logit_kd", kd_tokens="numbers", temperature=1.0))
+  c.train.update(dict(batch_size=16, grad_accum=1, epochs=1, max_len=300, log_every=4, checkpoint_every=8))
+  c.train.opt.lr = 1e-3
+  c.eval.update(dict(n_samples=0))
+  c.study.update(dict(targets="owl,dolphin,eagle", seeds=3, conditions="icl,shuffle_within"))
+  return c
