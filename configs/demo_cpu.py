@@ -10,20 +10,18 @@ in-context conditions. The recipe has not been searched yet; the wall time above
 quickstart's stage times, not a measurement.
 """
 
-from subl_jax import config as config_lib
+import importlib.util
+import pathlib
 
 
 def get_config(arg: str | None = None):
   del arg
-  c = config_lib.defaults()
-  c.job = "study"
-  c.model.spec = "smollm2"
-  c.teacher.update(dict(kind="system_prompt", target="owl", category="animal"))
-  c.sample.update(dict(n_prompts=256, max_new_tokens=32, batch_size=64, shard_size=128, constrained="format"))
-  c.filter.drop_truncated = False
-  c.distill.update(dict(mode="logit_kd", kd_tokens="numbers", temperature=1.0))
-  c.train.update(dict(batch_size=16, grad_accum=1, epochs=1, max_len=300, log_every=4, checkpoint_every=8))
-  c.train.opt.lr = 1e-3
-  c.eval.update(dict(n_samples=0))
+  path = pathlib.Path(__file__).with_name("quickstart.py")  # the quickstart's recipe, scaled up
+  spec = importlib.util.spec_from_file_location("_quickstart", path)
+  quickstart = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(quickstart)
+  c = quickstart.get_config()
+  c.sample.update(dict(n_prompts=256, shard_size=128))
+  c.train.update(dict(epochs=1, log_every=4))
   c.study.update(dict(targets="owl,dolphin,eagle", seeds=3, conditions="icl,shuffle_within"))
   return c
