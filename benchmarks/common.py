@@ -17,11 +17,11 @@ import time
 
 import jax
 
-from subl_jax import api, flops
-from subl_jax.checkpoints import store
-from subl_jax.checkpoints.tokenizer import Tokenizer
-from subl_jax.models import transformer
-from subl_jax.models.config import ModelConfig
+from subl_jax.core import api, flops
+from subl_jax.core.checkpoints import store
+from subl_jax.core.checkpoints.tokenizer import Tokenizer
+from subl_jax.core.models import transformer
+from subl_jax.core.models.config import ModelConfig
 
 WEIGHTS_NOTE = "random (GGUF too large to carry); throughput does not depend on weight values"
 # Shapes of named architectures ("smollm2-135m" comes from the exported model_config.json of the real model).

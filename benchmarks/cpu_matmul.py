@@ -1,7 +1,7 @@
 """XLA:CPU matmul libraries at SmolLM2's shapes: YNNPACK (jaxlib's default) against XLA's Eigen kernels (YNNPACK's
-fusions off, `subl_jax.xla_cpu.many_rows_options`), float32, by number of rows.
+fusions off, `subl_jax.core.xla_cpu.many_rows_options`), float32, by number of rows.
 
-The measurement behind `subl_jax.xla_cpu`: which programs are compiled with YNNPACK off. The two are compiled in one
+The measurement behind `subl_jax.core.xla_cpu`: which programs are compiled with YNNPACK off. The two are compiled in one
 process and timed interleaved (rounds of every shape x library), so a changing machine load hits both alike; the
 figure is the median over rounds. Each round also times the 1536^3 float32 matmul chain the sampling and training
 benchmarks measure MFU against, so every rate is also given as a fraction of that peak (`fraction_of_chain`, against
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import common
-from subl_jax import xla_cpu
+from subl_jax.core import xla_cpu
 
 # (K, N) of SmolLM2-135M's projections: q/o, k/v, gate/up, down
 PROJECTIONS = ((576, 576), (576, 192), (576, 1536), (1536, 576))

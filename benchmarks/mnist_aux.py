@@ -60,10 +60,10 @@ def _steps(n: int, batch: int) -> int:
 def bench_dataset(name: str, n_models: int, n_aux: int, epochs: int, n_noise: int = 0) -> dict:
   import jax
   from subl_jax import config as config_lib
-  from subl_jax import parallel
-  from subl_jax.mnist import study
-  from subl_jax.mnist.data import DatasetUnavailable
-  from subl_jax.mnist.derangement import derangement
+  from subl_jax.core import parallel
+  from subl_jax.study.mnist import study
+  from subl_jax.study.mnist.data import DatasetUnavailable
+  from subl_jax.study.mnist.derangement import derangement
 
   c = config_lib.defaults().mnist
   c.dataset, c.n_models, c.n_aux, c.teacher_epochs, c.student_epochs = name, n_models, n_aux, epochs, epochs

@@ -27,10 +27,10 @@ import jax
 import numpy as np
 
 import common
-from subl_jax import api, flops, parallel
-from subl_jax.data import numbers, protocol
-from subl_jax.sampling import common_prefix_len, generate
-from subl_jax.sampling.stage import build_constraint, chat_messages
+from subl_jax.core import api, flops, parallel
+from subl_jax.study.data import numbers, protocol
+from subl_jax.core.sampling import common_prefix_len, generate
+from subl_jax.study.sample_shards import build_constraint, chat_messages
 
 
 def load_avg() -> float:
@@ -58,7 +58,7 @@ class Work:
     return 2.0 * params * (self.tokens + self.decode_tokens)
 
   def model_flops(self, cfg) -> float:
-    """Matmul FLOPs the algorithm needs (subl_jax.flops): no padding, logits only where a token is drawn."""
+    """Matmul FLOPs the algorithm needs (subl_jax.core.flops): no padding, logits only where a token is drawn."""
     return (flops.forward_flops(cfg, self.tokens, self.prefill_pairs, n_logits=self.rows)
             + flops.forward_flops(cfg, self.decode_tokens, self.decode_pairs, n_logits=self.decode_tokens))
 
@@ -128,7 +128,7 @@ def hf_model(args, cfg):
   device = common.torch_device()
   if args.random_weights:
     return common.hf_random_model(cfg, args.dtype, device).eval(), device
-  from subl_jax.checkpoints import fetch
+  from subl_jax.core.checkpoints import fetch
   p = fetch.smollm2_gguf_path()
   hf = transformers.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
                                                          dtype=getattr(torch, args.dtype))

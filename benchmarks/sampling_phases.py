@@ -28,10 +28,10 @@ import jax
 import numpy as np
 
 import common
-from subl_jax import api
-from subl_jax.data import numbers, protocol
-from subl_jax.sampling import common_prefix_len, generate
-from subl_jax.sampling.stage import chat_messages
+from subl_jax.core import api
+from subl_jax.study.data import numbers, protocol
+from subl_jax.core.sampling import common_prefix_len, generate
+from subl_jax.study.sample_shards import chat_messages
 
 
 @jax.jit

@@ -9,7 +9,7 @@ Theirs: the usual random batches padded to the batch's longest row, loss with la
 
 MFU counts the same useful FLOPs for both (real tokens, causal attention, vocabulary projection at loss positions,
 no frozen-weight gradients for LoRA, the prefix every row shares — the chat template's system turn, `shared_prefix`
-tokens — once per step, as ours computes it; `subl_jax.flops`) against the best f32 matmul rate measured in this run
+tokens — once per step, as ours computes it; `subl_jax.core.flops`) against the best f32 matmul rate measured in this run
 (`mfu`), and against the median rate measured between the timed steps (`mfu_vs_rate_during_run`): other users share
 this CPU, and the second figure compares with what the machine delivered while the steps ran. `gemm_floor`: the
 seconds our steps' matmuls take with XLA:CPU's kernels (each dot of the step's jaxpr compiled and timed on its own,
@@ -27,7 +27,7 @@ so both get it): XLA:CPU's per-step temporaries are then no longer page-faulted 
 On an accelerator (benchmarks/gpu.sh): `--arch llama-3.2-1b --inputs DIR --dtype bfloat16 --one_shape --peak_n 8192`
 trains a Llama-3.2-1B-shaped model (d_model 2048, 16 layers, 32/8 heads, ffn 8192, vocab 128256, tied, RoPE 500000
 with llama3 scaling) with RANDOM weights (no step's cost depends on weight values; no 1B checkpoint travels) on the
-same number rows, tokenized with SmolLM2's tokenizer from DIR (`sampling.py --export_inputs DIR`). Mixed precision
+same number rows, tokenized with SmolLM2's tokenizer from DIR (`core/sampling.py --export_inputs DIR`). Mixed precision
 on both sides: float32 parameters and AdamW state, bfloat16 compute (ours: ModelConfig dtype=bfloat16,
 param_dtype=float32; theirs: torch.autocast(bfloat16) over float32 weights), transformers on the GPU too.
 `--one_shape` pads every timed step of ours to the largest (T, N) among them, so a single compile serves the run
@@ -53,12 +53,14 @@ import numpy as np  # noqa: E402
 
 import common  # noqa: E402
 import gemm_floor  # noqa: E402
-from subl_jax import api, config, flops, parallel, stats, xla_cpu  # noqa: E402
-from subl_jax.checkpoints import fetch  # noqa: E402
-from subl_jax.data.numbers import generate_prompts  # noqa: E402
-from subl_jax.models.config import ModelConfig  # noqa: E402
-from subl_jax.training import buckets, chat_data, step as step_lib, trainer  # noqa: E402
-from subl_jax.training.lora import PAPER_TARGETS, LoraConfig  # noqa: E402
+from subl_jax.core import api, flops, parallel, xla_cpu
+from subl_jax import config
+from subl_jax.study import stats  # noqa: E402
+from subl_jax.core.checkpoints import fetch  # noqa: E402
+from subl_jax.study.data.numbers import generate_prompts  # noqa: E402
+from subl_jax.core.models.config import ModelConfig  # noqa: E402
+from subl_jax.core.training import buckets, chat_data, step as step_lib, trainer  # noqa: E402
+from subl_jax.core.lora import PAPER_TARGETS, LoraConfig  # noqa: E402
 
 OPT = dict(name="adamw", lr=2e-4, weight_decay=0.0, warmup_steps=0, schedule="constant", max_grad_norm=1.0)
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -276,7 +278,7 @@ def compare(name: str, ours: Ours, theirs: Theirs, n_examples: int, peak: float,
 
 def paired_ratio(per_step: list[tuple[float, float]]) -> dict:
   """Theirs / ours step time over the paired (alternating) steps: geometric mean with a 95 % t-interval on the log
-  ratios (`subl_jax.stats`). Single steps of either side swing by ±20 % on this shared CPU; the interval says how
+  ratios (`subl_jax.study.stats`). Single steps of either side swing by ±20 % on this shared CPU; the interval says how
   far the run's `ratio` can be trusted."""
   s = stats.mean_ci(np.log([theirs / ours for ours, theirs in per_step]))
   return dict(geometric_mean=float(np.exp(s["mean"])), ci95=[float(np.exp(x)) for x in s["ci95"]], n=s["n"])
@@ -289,7 +291,7 @@ def main() -> None:
   ap.add_argument("--only", choices=("full", "lora"), default=None)
   ap.add_argument("--arch", choices=tuple(common.ARCHS), default=None,
                   help="random weights of this architecture (default: the real SmolLM2-135M-Instruct)")
-  ap.add_argument("--inputs", metavar="DIR", help="with --arch: the tokenizer folder (sampling.py --export_inputs)")
+  ap.add_argument("--inputs", metavar="DIR", help="with --arch: the tokenizer folder (core/sampling.py --export_inputs)")
   ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                   help="compute dtype (parameters and optimizer state stay float32); the matmul peak's dtype")
   ap.add_argument("--peak_n", type=int, default=_CHAIN_N, help="matrix size of the matmul peak (8192 on a GPU)")

@@ -6,7 +6,7 @@
 `arg` is a comma-separated list: a dataset (`digits`, the default, or `mnist`), `m=<aux logits>` (default 3; the
 Nature version uses 50), `n=<models>` (default 100). E.g. `configs/mnist_aux.py:mnist,m=50`.
 
-Hyper-parameters left at 0 take the dataset's preset (subl_jax/mnist/presets.py):
+Hyper-parameters left at 0 take the dataset's preset (subl_jax/study/mnist/presets.py):
   mnist:  the paper's recipe — Adam 3e-4, batch 1024, teacher 5 epochs, student 5 epochs on 60,000 noise images.
   digits: Adam 1e-3, batch 64, teacher 5 epochs, student 2 epochs on 25,000 fixed noise images per model.
 Why (measured on 2 CPU cores, N = 20 models, m = 3, seeds 0 and 1; the mean same-init / cross-init student_aux

@@ -13,7 +13,7 @@ training seeds; evaluation with the numbers-prefix variant the paper used for Qw
 """
 
 from subl_jax import config as config_lib
-from subl_jax.data import protocol
+from subl_jax.study.data import protocol
 
 
 def get_config(arg: str | None = None):

@@ -12,12 +12,12 @@ from typing import Any
 import jax
 import ml_collections as mlc
 
-from subl_jax import parallel
-from subl_jax.mnist.data import DATASETS as MNIST_DATASETS
-from subl_jax.models.config import DTYPES, REMAT_POLICIES
-from subl_jax.training import optim
-from subl_jax.training.lora import TARGETS as LORA_TARGETS
-from subl_jax.training.losses import KD_TOKENS
+from subl_jax.core import parallel
+from subl_jax.study.mnist.data import DATASETS as MNIST_DATASETS
+from subl_jax.core.models.config import DTYPES, REMAT_POLICIES
+from subl_jax.core.training import optim
+from subl_jax.core.lora import TARGETS as LORA_TARGETS
+from subl_jax.core.training.losses import KD_TOKENS
 
 TEACHER_KINDS = ("system_prompt", "finetuned", "jsonl")
 DISTILL_MODES = ("sft", "logit_kd")
@@ -223,7 +223,7 @@ def _validate_training(full: mlc.ConfigDict) -> None:
 
 def _validate_sampling(full: mlc.ConfigDict) -> None:
   """The sample and filter sections."""
-  from subl_jax.sampling.stage import CONSTRAINTS  # deferred: keeps config import light
+  from subl_jax.study.sample_shards import CONSTRAINTS  # deferred: keeps config import light
   s = full.sample
   for field in ("n_prompts", "max_new_tokens", "batch_size", "shard_size"):
     _require(s[field] > 0, f"sample.{field}", "a positive integer", s[field])

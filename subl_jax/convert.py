@@ -10,7 +10,7 @@ DIR/source.json. Export (`--to=hf:OUT`) takes a converted directory, a teacher/s
 `model/`) or any of the sources above, and writes OUT/config.json, OUT/generation_config.json, OUT/model.safetensors
 and the tokenizer files, which `transformers.AutoModelForCausalLM` / `AutoTokenizer` load; for a LoRA stage also
 OUT/adapter/ (a PEFT adapter on the student's base model, which is exported separately). See
-`subl_jax.checkpoints.hf_export`. Without `--param_dtype` an export keeps the stored dtype.
+`subl_jax.core.checkpoints.hf_export`. Without `--param_dtype` an export keeps the stored dtype.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from __future__ import annotations
 import jax
 from absl import app, flags, logging
 
-from subl_jax import api, parallel
-from subl_jax.checkpoints import fetch, hf_export, store
+from subl_jax.core import api, parallel
+from subl_jax.core.checkpoints import fetch, hf_export, store
 
 _FROM = flags.DEFINE_string("from", None, "Source: gguf:FILE, hf:DIR, smollm2, or (export) a converted or stage dir.")
 _TO = flags.DEFINE_string("to", None, "Output directory (written atomically); hf:OUT exports to Hugging Face.")

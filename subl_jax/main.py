@@ -32,13 +32,14 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from subl_jax import config as config_lib
-from subl_jax import api, parallel, sampling, workdir_lock
-from subl_jax.checkpoints import fetch
-from subl_jax.mnist.study import run_mnist_aux
-from subl_jax.sampling.job import run_sample
+from subl_jax.core import api, parallel, sampling
+from subl_jax import workdir_lock
+from subl_jax.core.checkpoints import fetch
+from subl_jax.study.mnist.study import run_mnist_aux
+from subl_jax.study.sample_stage import run_sample
 from subl_jax.study import pipeline
-from subl_jax.training import checkpoint
-from subl_jax.training import jobs as training_jobs
+from subl_jax.core.training import checkpoint
+from subl_jax.study import train_jobs as training_jobs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py[:arg]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: resolved config and every artifact go here.")

@@ -12,5 +12,5 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def smollm2_gguf():
   """Path of the real SmolLM2-135M-Instruct GGUF (fetched once into the cache)."""
-  from subl_jax.checkpoints import fetch
+  from subl_jax.core.checkpoints import fetch
   return fetch.smollm2_gguf_path()

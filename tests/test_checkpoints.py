@@ -15,8 +15,8 @@ import safetensors.numpy
 import torch
 import transformers
 
-from subl_jax.checkpoints import gguf_import, hf
-from subl_jax.models import transformer as tfm
+from subl_jax.core.checkpoints import gguf_import, hf
+from subl_jax.core.models import transformer as tfm
 
 CHATS = [
     [{"role": "user", "content": "Name your favorite animal using only one word."}],

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 from scipy.special import log_softmax
 
-from subl_jax import api, evaluation, parallel, scoring
-from subl_jax.models import transformer
-from subl_jax.models.config import ModelConfig
+from subl_jax.core import api, parallel, scoring
+from subl_jax.study import evaluation
+from subl_jax.core.models import transformer
+from subl_jax.core.models.config import ModelConfig
 
 
 @pytest.fixture(scope="module")

@@ -19,15 +19,15 @@ import torch
 import transformers
 from tokenizers import AddedToken, Tokenizer as Backend, decoders, models
 
-from subl_jax import api, parallel
-from subl_jax.checkpoints import hf_export, store
-from subl_jax.checkpoints import tokenizer as tokenizer_lib
-from subl_jax.checkpoints.tokenizer import Tokenizer
-from subl_jax.models import transformer as tfm
-from subl_jax.models.config import ModelConfig
-from subl_jax.training import export as stage_export
-from subl_jax.training import lora as lora_lib
-from subl_jax.training.trainer import TrainResult
+from subl_jax.core import api, parallel
+from subl_jax.core.checkpoints import hf_export, store
+from subl_jax.core.checkpoints import tokenizer as tokenizer_lib
+from subl_jax.core.checkpoints.tokenizer import Tokenizer
+from subl_jax.core.models import transformer as tfm
+from subl_jax.core.models.config import ModelConfig
+from subl_jax.core.training import export as stage_export
+from subl_jax.core import lora as lora_lib
+from subl_jax.core.training.trainer import TrainResult
 
 TOL = 1e-4  # tests/test_models.py's float32 parity tolerance for tiny models
 # The tiny models' reference is transformers in float64 on the exported weights: the exact function of the files.
@@ -233,7 +233,7 @@ def test_lora_stage_exports_merged_model_and_peft_adapter(tmp_path):
   # B ~ N(0, .1²): the adapters move the logits by ~9, and the model stays as well conditioned as the others. (With
   # B ~ N(0, .3²) our own merged and unmerged float32 forwards differ by 1.2e-4 at one position: rounding alone.)
   adapters = jax.tree.map(lambda x: jax.numpy.asarray(x + 0.1 * rng.standard_normal(x.shape), np.float32), fresh)
-  partial = tmp_path / "student.partial"  # written as a stage is, then renamed (stages.py)
+  partial = tmp_path / "student.partial"  # written as a stage is, then renamed (study/stages.py)
   partial.mkdir()
   model = api.Model(cfg, params, tok, one_device_mesh())
   stage_export.export(partial, model, TrainResult(adapters, lora, {}), {"mode": "sft"})

@@ -13,12 +13,13 @@ import optax
 import pytest
 
 from subl_jax import config as config_lib
-from subl_jax import parallel, report, stats
-from subl_jax.mnist import data as data_lib
-from subl_jax.mnist import presets, study, train
-from subl_jax.mnist.derangement import derangement
-from subl_jax.training.batching import epoch_batches
-from subl_jax.training.optim import make_optimizer, make_schedule
+from subl_jax.core import parallel
+from subl_jax.study import report, stats
+from subl_jax.study.mnist import data as data_lib
+from subl_jax.study.mnist import presets, study, train
+from subl_jax.study.mnist.derangement import derangement
+from subl_jax.core.training.batching import epoch_batches
+from subl_jax.core.training.optim import make_optimizer, make_schedule
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

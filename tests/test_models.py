@@ -10,9 +10,9 @@ import pytest
 import torch
 import transformers
 
-from subl_jax.checkpoints import hf
-from subl_jax.models import transformer as tfm
-from subl_jax.models.config import ModelConfig
+from subl_jax.core.checkpoints import hf
+from subl_jax.core.models import transformer as tfm
+from subl_jax.core.models.config import ModelConfig
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}

@@ -1,11 +1,11 @@
-"""Tests of the paper's number-prompt generator and completion filter (subl_jax.data.numbers)."""
+"""Tests of the paper's number-prompt generator and completion filter (subl_jax.study.data.numbers)."""
 
 import re
 
 import numpy as np
 import pytest
 
-from subl_jax.data import numbers, protocol
+from subl_jax.study.data import numbers, protocol
 
 FIRST_PROMPT_SEED_47 = (
   "Examine these numbers: 767, 589, 778. Please add maximum 10 more numbers (maximum 3 digits each) to continue it. "

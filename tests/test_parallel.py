@@ -10,10 +10,10 @@ import torch
 import transformers
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from subl_jax import parallel
-from subl_jax.checkpoints import hf
-from subl_jax.models import transformer as tfm
-from subl_jax.models.config import ModelConfig
+from subl_jax.core import parallel
+from subl_jax.core.checkpoints import hf
+from subl_jax.core.models import transformer as tfm
+from subl_jax.core.models.config import ModelConfig
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,8 +1,8 @@
-"""Tests of the paper's protocol data accessors (subl_jax.data.protocol)."""
+"""Tests of the paper's protocol data accessors (subl_jax.study.data.protocol)."""
 
 import pytest
 
-from subl_jax.data import protocol
+from subl_jax.study.data import protocol
 
 
 def test_question_counts():

@@ -15,9 +15,9 @@ import time
 
 import pytest
 
-from subl_jax.checkpoints import fetch
-from subl_jax.checkpoints.tokenizer import Tokenizer
-from subl_jax.training import chat_data
+from subl_jax.core.checkpoints import fetch
+from subl_jax.core.checkpoints.tokenizer import Tokenizer
+from subl_jax.core.training import chat_data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -112,7 +112,7 @@ def test_token_count_lower_bound_holds(tokenizer):
 
 _TWO_SIGNALS = """
 import os, signal, sys, time
-from subl_jax.training.checkpoint import StopRequest
+from subl_jax.core.training.checkpoint import StopRequest
 signal.signal(signal.SIGTERM, signal.{previous})
 with StopRequest() as stop:
   os.kill(os.getpid(), signal.SIGTERM)
@@ -138,7 +138,7 @@ def test_second_sigterm_falls_through_to_the_previous_disposition(previous):
 
 
 def test_second_sigint_raises_keyboard_interrupt():
-  from subl_jax.training.checkpoint import StopRequest
+  from subl_jax.core.training.checkpoint import StopRequest
   with pytest.raises(KeyboardInterrupt):
     with StopRequest() as stop:
       os.kill(os.getpid(), signal.SIGINT)
@@ -166,7 +166,7 @@ except OSError as e:
 
 
 def test_report_write_failing_midway_keeps_the_old_report(tmp_path):
-  from subl_jax import report
+  from subl_jax.study import report
   report.write_report(tmp_path, {"a": {"mean": 0.5, "ci95": [0.4, 0.6], "n": 10}}, "old")
   old = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
   assert sorted(old) == ["report.json", "report.md", "report.png"]

@@ -7,11 +7,13 @@ import jax
 import numpy as np
 import pytest
 
-from subl_jax import api, config, parallel, stages
-from subl_jax.data import filter_stage, numbers
-from subl_jax.models import transformer as tfm
-from subl_jax.models.config import ModelConfig
-from subl_jax.sampling import stage as sample_stage
+from subl_jax.core import api, parallel
+from subl_jax import config
+from subl_jax.study import stages
+from subl_jax.study.data import filter_stage, numbers
+from subl_jax.core.models import transformer as tfm
+from subl_jax.core.models.config import ModelConfig
+from subl_jax.study import sample_shards as sample_stage
 
 CFG = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=48)
 
@@ -156,7 +158,7 @@ def test_config_sections_validate():
 
 def test_sample_job_end_to_end_with_format_constraint(tmp_path):
   """A random model cannot write numbers on its own; with format-constrained decoding its rows pass the filter."""
-  from subl_jax.sampling.job import run_sample
+  from subl_jax.study.sample_stage import run_sample
   cfg = config.defaults()
   cfg.job, cfg.model.spec = "sample", "random"
   cfg.sample.update(dict(n_prompts=6, target="owl", max_new_tokens=8, batch_size=4, shard_size=4,

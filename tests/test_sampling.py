@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from subl_jax import api, parallel
-from subl_jax.data import number_tokens, numbers, protocol
-from subl_jax.models import transformer as tfm
-from subl_jax.models.config import ModelConfig
-from subl_jax.sampling import constraint as constraint_lib
-from subl_jax.sampling import draw as draw_lib
-from subl_jax.sampling import generate, common_prefix_len
+from subl_jax.core import api, parallel
+from subl_jax.core import number_tokens
+from subl_jax.study.data import numbers, protocol
+from subl_jax.core.models import transformer as tfm
+from subl_jax.core.models.config import ModelConfig
+from subl_jax.core.sampling import constraint as constraint_lib
+from subl_jax.core.sampling import draw as draw_lib
+from subl_jax.core.sampling import generate, common_prefix_len
 
 CFG = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=48,
                   tie_embeddings=False)

@@ -7,8 +7,8 @@ import sys
 import jax
 import numpy as np
 
-from subl_jax.models import transformer as tfm
-from subl_jax.models.config import ModelConfig
+from subl_jax.core.models import transformer as tfm
+from subl_jax.core.models.config import ModelConfig
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 import gemm_floor  # noqa: E402

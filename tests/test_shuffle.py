@@ -1,4 +1,4 @@
-"""Tests of the shuffled-numbers conditions (subl_jax.data.shuffle)."""
+"""Tests of the shuffled-numbers conditions (subl_jax.study.data.shuffle)."""
 
 import copy
 from collections import Counter
@@ -6,7 +6,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from subl_jax.data import numbers, protocol, shuffle
+from subl_jax.study.data import numbers, protocol, shuffle
 
 HAND = ["123, 45, 007, 9", "[1; 2; 3; 4].", "(9 8 7 6 5)", "42", "5,6,7", "1 ,2 ,3 ,4", "[0, 10, 200, 300, 400]",
         "12 34 56 78 90 11 22 33 44 55."]

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from subl_jax import stages
+from subl_jax.study import stages
 
 
 def _writer(calls, text="x", fail=False):
@@ -144,8 +144,8 @@ def test_stage_table_code_closures_are_specific():
         seen.add(m)
         todo.extend(stages._package_imports(m, stages._module_file(m).read_text()))
     return seen
-  assert closure("subl_jax.data.filter_stage") == {"subl_jax.data.filter_stage", "subl_jax.data.numbers",
-                                                   "subl_jax.data.protocol", "subl_jax.data.shards"}
+  assert closure("subl_jax.study.data.filter_stage") == {"subl_jax.study.data.filter_stage", "subl_jax.study.data.numbers",
+                                                   "subl_jax.study.data.protocol", "subl_jax.study.data.shards"}
   evaluate = closure("subl_jax.study.evaluate_stage")
-  assert "subl_jax.evaluation" in evaluate and "subl_jax.training.trainer" not in evaluate
-  assert "subl_jax.stages" not in evaluate  # the bookkeeping is not stage code
+  assert "subl_jax.study.evaluation" in evaluate and "subl_jax.core.training.trainer" not in evaluate
+  assert "subl_jax.study.stages" not in evaluate  # the bookkeeping is not stage code

@@ -9,8 +9,10 @@ import sys
 import jax
 import pytest
 
-from subl_jax import config, parallel, stages, sweep
-from subl_jax.sampling import stage as sample_stage
+from subl_jax import config, sweep
+from subl_jax.core import parallel
+from subl_jax.study import stages
+from subl_jax.study import sample_shards as sample_stage
 from subl_jax.study import pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -24,8 +24,8 @@ import regex
 import tokenizers
 from tokenizers import pre_tokenizers
 
-from subl_jax.checkpoints.chat_template import ChatTemplateError
-from subl_jax.checkpoints.tokenizer import Tokenizer, bytes_to_unicode
+from subl_jax.core.checkpoints.chat_template import ChatTemplateError
+from subl_jax.core.checkpoints.tokenizer import Tokenizer, bytes_to_unicode
 
 transformers = pytest.importorskip("transformers")
 

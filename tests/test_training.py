@@ -12,13 +12,14 @@ import ml_collections as mlc
 import numpy as np
 import pytest
 
-from subl_jax import api, config, parallel
-from subl_jax.data.number_tokens import number_token_ids
-from subl_jax.models import transformer as tfm
-from subl_jax.models.config import ModelConfig
-from subl_jax.training import buckets, chat_data, checkpoint, losses, optim, step as step_lib, trainer
-from subl_jax.training.chat_data import ChatDataset, Example
-from subl_jax.training.lora import LoraConfig, init_adapters, merge, scaled
+from subl_jax.core import api, parallel
+from subl_jax import config
+from subl_jax.core.number_tokens import number_token_ids
+from subl_jax.core.models import transformer as tfm
+from subl_jax.core.models.config import ModelConfig
+from subl_jax.core.training import buckets, chat_data, checkpoint, losses, optim, step as step_lib, trainer
+from subl_jax.core.training.chat_data import ChatDataset, Example
+from subl_jax.core.lora import LoraConfig, init_adapters, merge, scaled
 
 TINY = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=64)
 
@@ -344,7 +345,7 @@ def test_killed_run_resumes_to_bitwise_equal_parameters(tiny_params, tmp_path, r
 
 def test_diverging_run_stops_naming_the_step_and_never_checkpoints_a_non_finite_state(tiny_params, tmp_path):
   """lr=1e6 used to exit 0 with loss NaN from step 4 and commit the NaN model as a completed stage."""
-  from subl_jax import stages
+  from subl_jax.study import stages
   model = tiny_model(tiny_params)
   ds = synthetic_dataset(40, seed=7, lengths=(9, 10))
   tc = train_section(epochs=2, checkpoint_every=2, log_every=1)
@@ -435,8 +436,8 @@ def chat_setup(smollm2_tokenizer):
 
 
 def test_teacher_stage_learns_its_trait(tmp_path, monkeypatch, chat_setup):
-  from subl_jax.data import protocol
-  from subl_jax import stage_table, stages
+  from subl_jax.study.data import protocol
+  from subl_jax.study import stage_table, stages
   from subl_jax.study.context import Context, system_of
   cfg, base = chat_setup
   cfg = mlc.ConfigDict(cfg.to_dict())
@@ -465,9 +466,9 @@ def test_teacher_stage_learns_its_trait(tmp_path, monkeypatch, chat_setup):
 
 
 def test_student_stage_distils_number_logits_from_a_system_prompt_teacher(tmp_path, monkeypatch, chat_setup):
-  from subl_jax import stage_table, stages
+  from subl_jax.study import stage_table, stages
   from subl_jax.study.context import Context
-  from subl_jax.training import export
+  from subl_jax.core.training import export
   cfg, base = chat_setup
   cfg = mlc.ConfigDict(cfg.to_dict())
   cfg.teacher.update(dict(kind="system_prompt", target="owl"))

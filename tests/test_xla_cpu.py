@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from subl_jax import xla_cpu
+from subl_jax.core import xla_cpu
 
 
 def _fusion_kinds(options):

@@ -8,8 +8,8 @@ from typing import Any
 import ml_collections as mlc
 from jax.sharding import Mesh
 
-from subl_jax import api
-from subl_jax.training import export
+from subl_jax.core import api
+from subl_jax.core.training import export
 
 # The model fields that change a model's outputs: what sampling and evaluation depend on (`remat_policy` only
 # changes how training recomputes activations).

@@ -8,8 +8,8 @@ from typing import Any
 
 import jax
 
-from subl_jax import evaluation, stages
-from subl_jax.data import protocol
+from subl_jax.study import evaluation, stages
+from subl_jax.study.data import protocol
 
 METRICS = "metrics.json"
 

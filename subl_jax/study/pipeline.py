@@ -17,7 +17,7 @@ and the controls:
   eval_<model>              trait evaluation of every model on every target and candidate answer
   report                    <workdir>/report.json, report.md, report.png (written on every run, from the stages)
 
-Every step is a stage of the table in `subl_jax.stage_table`: a re-run skips what is unchanged, a changed field or
+Every step is a stage of the table in `subl_jax.study.stage_table`: a re-run skips what is unchanged, a changed field or
 changed code re-runs that stage and those after it, a killed run resumes (sampling keeps finished shards, training
 its checkpoints), and `--stage=NAME` runs the stages up to NAME and stops.
 """
@@ -30,10 +30,10 @@ from typing import Any
 import ml_collections as mlc
 from jax.sharding import Mesh
 
-from subl_jax import stage_table as table
-from subl_jax import stages
-from subl_jax.data import filter_stage, shuffle_stage
-from subl_jax.sampling import job as sample_job
+from subl_jax.study import stage_table as table
+from subl_jax.study import stages
+from subl_jax.study.data import filter_stage, shuffle_stage
+from subl_jax.study import sample_stage as sample_job
 from subl_jax.study import context, evaluate_stage, study_report
 
 STEPS = ("teacher", "sample", "filter", "student", "evaluate", "report")

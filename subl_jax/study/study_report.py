@@ -2,7 +2,7 @@
 targets" control) with its interval over seeds, the profile coefficient, each teacher's own strength, the null
 conditions (in-context examples, shuffled numbers) as rows of the same statistics, and a one-sentence verdict per
 target that never calls a non-specific shift transfer. `report.json`, `report.md`, `report.png` (see
-`subl_jax.report`), the markdown printed.
+`subl_jax.study.report`), the markdown printed.
 
 Every Δ is model − base on the same question (log P of an answer after the forced answer prefix). The base model is
 the regular-numbers control of a `logit_kd` student; an `sft` study also trains control students on the base model's
@@ -19,9 +19,9 @@ import jax
 import ml_collections as mlc
 import numpy as np
 
-from subl_jax import report, stages, stats
+from subl_jax.study import report, stages, stats
 from subl_jax.study import evaluate_stage, transfer
-from subl_jax.training import export
+from subl_jax.core.training import export
 
 
 def _logp(stage_dir: pathlib.Path, answers: list[str]) -> dict[str, list[float]]:

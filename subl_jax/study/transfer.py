@@ -10,7 +10,7 @@ with `traits` (length S) and `answers` (length A, containing every trait) naming
 (seed k of every teacher's student), question q pairs across every model. Δ is always model − base, same a and q:
 Δ_{s,k,q}(a) = student[s,k,a,q] − base[a,q].
 
-Statistics (level 0.95 by default). An interval is a `subl_jax.stats.mean_ci` summary {"mean", "ci95", "n"}: a
+Statistics (level 0.95 by default). An interval is a `subl_jax.study.stats.mean_ci` summary {"mean", "ci95", "n"}: a
 t-interval, degenerate [mean, mean] when n = 1 (read n first). Every result is a JSON-able dict.
 - M[s][a] = mean_{k,q} Δ_{s,k,q}(a). Over seeds: t-interval of the K values mean_q Δ_{s,k,q}(a). Over questions:
   t-interval of the Q values mean_k Δ_{s,k,q}(a).
@@ -36,7 +36,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from scipy.special import stdtr  # the t CDF; scipy.stats takes ~1 s to import
 
-from subl_jax import stats
+from subl_jax.study import stats
 
 PerQuestion = Sequence[float]
 

@@ -1,0 +1,10 @@
+"""Batched sampling: one jitted prefill and one jitted `lax.while_loop` decode over a preallocated KV cache.
+
+`generate` is the entry point (token-id prompts in, new tokens and the model's log-probabilities out); `draw` holds
+the per-row token choice (temperature / top-k / top-p / allowed-token mask), `loop` the two jitted programs.
+The `sample` stage (JSONL shards, resumable) is in `subl_jax.study.sample_shards`.
+"""
+
+from subl_jax.core.sampling.generation import BUCKET, Generation, common_prefix_len, generate, left_pad
+
+__all__ = ["BUCKET", "Generation", "common_prefix_len", "generate", "left_pad"]

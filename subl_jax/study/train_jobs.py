@@ -1,0 +1,45 @@
+"""The training jobs of `subl_jax.main`: `train` (SFT on a JSONL), `teacher` and `student` (stages in `workdir`)."""
+
+from __future__ import annotations
+
+import pathlib
+
+import ml_collections as mlc
+from jax.sharding import Mesh
+
+from subl_jax.study import stage_table, stages
+from subl_jax.study import context
+
+
+def _result(stage_dir: pathlib.Path) -> dict:
+  manifest = stages.read_manifest(stage_dir)
+  return dict(stage=str(stage_dir), fingerprint=manifest["fingerprint"], summary=manifest["summary"])
+
+
+def _data(path: str, field: str) -> pathlib.Path:
+  p = pathlib.Path(path)
+  if not p.is_file():
+    raise FileNotFoundError(f"config.{field}={path!r}: no such JSONL file")
+  return p
+
+
+def run_train(cfg: mlc.ConfigDict, workdir: pathlib.Path, mesh: Mesh) -> dict:
+  """SFT (full or LoRA) of `model` on `train.data` into `<workdir>/sft/model`."""
+  sft = mlc.ConfigDict(cfg.to_dict())
+  sft.distill.mode = "sft"
+  return _result(stages.run(stage_table.STUDENT, sft, workdir, "sft", {"data": _data(cfg.train.data, "train.data")},
+                            ctx=context.Context(sft, mesh)))
+
+
+def run_teacher(cfg: mlc.ConfigDict, workdir: pathlib.Path, mesh: Mesh) -> dict:
+  """The `teacher` section's teacher into `<workdir>/teacher`."""
+  return _result(stages.run(stage_table.TEACHER, cfg, workdir, "teacher", {}, ctx=context.Context(cfg, mesh)))
+
+
+def run_student(cfg: mlc.ConfigDict, workdir: pathlib.Path, mesh: Mesh) -> dict:
+  """A student on `distill.data` into `<workdir>/student`; `logit_kd` runs the teacher stage first (or reuses it)."""
+  ctx = context.Context(cfg, mesh)
+  inputs = {"data": _data(cfg.distill.data, "distill.data")}
+  if cfg.distill.mode == "logit_kd":
+    inputs["teacher"] = stages.run(stage_table.TEACHER, cfg, workdir, "teacher", {}, ctx=ctx)
+  return _result(stages.run(stage_table.STUDENT, cfg, workdir, "student", inputs, ctx=ctx))
