@@ -17,7 +17,7 @@ $(VENV)/.test: $(VENV)/.base
 	touch $@
 
 run: $(VENV)/.base
-	. launch/malloc.env && $(PY) -m subl_jax.main --config=configs/quickstart.py --workdir=runs/quickstart
+	$(PY) -m subl_jax.main --config=configs/quickstart.py --workdir=runs/quickstart
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q tests

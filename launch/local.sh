@@ -3,7 +3,6 @@
 #   launch/local.sh [--dry-run] CONFIG[:arg] WORKDIR [--config.field=value ...]
 # For a sweep, WORKDIR is the root: each run writes to WORKDIR/<run name>. Finished stages are skipped on re-runs.
 set -euo pipefail
-source "$(dirname "$0")/malloc.env"
 dry=0
 if [[ "${1:-}" == "--dry-run" ]]; then dry=1; shift; fi
 [[ $# -ge 2 ]] || { echo "usage: $0 [--dry-run] CONFIG[:arg] WORKDIR [--config.field=value ...]" >&2; exit 2; }

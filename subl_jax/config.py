@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import ml_collections as mlc
 
-from subl_jax.core import parallel
+from subl_jax.core import parallel, perf
 from subl_jax.study.mnist.data import DATASETS as MNIST_DATASETS
 from subl_jax.core.models.config import DTYPES, REMAT_POLICIES
 from subl_jax.core.training import optim
@@ -122,6 +122,7 @@ def defaults() -> mlc.ConfigDict:
       icl_tokens=1536,        # condition 'icl': tokens of teacher (prompt, completion) pairs put before the question
       seed=0,
   ))
+  c.perf = mlc.ConfigDict(perf.DEFAULTS)  # platform tuning: 'auto' | 'on' | 'off' per switch (see core/perf.py)
   c.study = mlc.ConfigDict(dict(  # job 'study': teachers -> samples -> filter -> students -> evaluation -> report
       targets="",             # comma-separated traits, one teacher each ('' = teacher.target alone: no specificity)
       seeds=1,                # trainings per student (train.seed + i: data order, adapter init); samples stay fixed
@@ -187,6 +188,7 @@ def validate(cfg: mlc.ConfigDict, n_devices: int | None = None) -> None:
   for field in ("teacher_epochs", "student_epochs", "batch_size", "n_noise"):
     _require(mn[field] >= 0, f"mnist.{field}", "a positive integer (or 0 for the dataset's preset)", mn[field])
   optim.check(mn.opt, "mnist.opt", allow_zero_lr=True)
+  perf.resolve(full.perf, "cpu")  # names the field of a bad choice
   _validate_training(full)
   _validate_sampling(full)
 

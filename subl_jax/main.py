@@ -32,7 +32,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from subl_jax import config as config_lib
-from subl_jax.core import api, parallel, sampling
+from subl_jax.core import api, parallel, perf, sampling
 from subl_jax import workdir_lock
 from subl_jax.core.checkpoints import fetch
 from subl_jax.study.mnist.study import run_mnist_aux
@@ -118,6 +118,7 @@ def main(argv: list[str]) -> None:
   cfg = _CONFIG.value
   parallel.maybe_initialize_distributed(cfg.mesh.distributed)
   config_lib.validate(cfg)
+  perf.apply(perf.resolve(cfg.perf, jax.default_backend()))  # before the first big allocation and compilation
   workdir = pathlib.Path(_WORKDIR.value)
   workdir.mkdir(parents=True, exist_ok=True)
   with contextlib.ExitStack() as held:

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from subl_jax.core import xla_cpu
+from subl_jax.core import perf, xla_cpu
 
 
 def _fusion_kinds(options):
@@ -18,7 +18,7 @@ def test_many_rows_options_turn_ynnpack_off_on_cpu(monkeypatch):
   assert xla_cpu._option_supported()  # the pinned jaxlib has the option: a rename must fail here, not go quiet
   assert xla_cpu.many_rows_options() == {xla_cpu.OPTION: ""}
   assert _fusion_kinds({}) and not _fusion_kinds(xla_cpu.many_rows_options())
-  monkeypatch.setenv(xla_cpu.ENV, "default")
+  monkeypatch.setattr(perf, "_applied", perf.Settings(cpu_many_rows=False))  # perf.cpu_many_rows=off
   assert xla_cpu.many_rows_options() == {}
 
 
