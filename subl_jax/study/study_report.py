@@ -130,17 +130,21 @@ def _fmt(s: dict[str, Any]) -> str:
 def _notes(doc: dict[str, Any]) -> list[str]:
   st, targets = doc["students"], doc["targets"]
   m = st["matrix"]
+  over = "over_questions" if m["n_seeds"] == 1 else "over_seeds"  # one seed has no across-seed interval
   lines = ["", f"Transfer matrix: Δ log P(answer) = student − base (rows: whose numbers the student learned; mean "
-           f"over {m['n_seeds']} seed(s) × {m['n_questions']} questions; 95 % CI over seeds):", "",
+           f"over {m['n_seeds']} seed(s) × {m['n_questions']} questions; 95 % CI over "
+           f"{'questions (1 seed)' if over == 'over_questions' else 'seeds'}):", "",
            "| teacher's trait | " + " | ".join(m["cols"]) + " |", "|---|" + "---:|" * len(m["cols"])]
-  for r, row in zip(m["rows"], m["over_seeds"]):
-    lines.append(f"| {r} | " + " | ".join(f"{c['mean']:+.3f}" for c in row) + " |")
+  for r, row in zip(m["rows"], m[over]):
+    lines.append(f"| {r} | " + " | ".join(transfer.fmt(c) for c in row) + " |")
   if "specificity" in st:
-    lines += ["", "Specificity (own student's Δ on t minus the other teachers' students' Δ on t), 95 % CI over seeds:"]
-    lines += [f"- {t}: {_fmt(s['over_seeds'])}, paired over seeds × questions p="
-              f"{s['paired']['p'] if s['paired']['p'] is None else round(s['paired']['p'], 4)}"
-              for t, s in st["specificity"].items()]
-    lines.append(f"- mean over targets: {_fmt(st['mean_specificity']['over_seeds'])}")
+    one_seed = m["n_seeds"] == 1  # an interval over one seed does not exist: show the one over questions, flagged
+    lines += ["", "Specificity (own student's Δ on t minus the other teachers' students' Δ on t), 95 % CI "
+              + ("over questions (1 seed: no across-seed interval):" if one_seed else "over seeds:")]
+    lines += [f"- {t}: {_fmt(s['paired' if one_seed else 'over_seeds'])}, paired over seeds × questions "
+              f"{transfer.p_text(s['paired']['p'])}" for t, s in st["specificity"].items()]
+    if not one_seed:
+      lines.append(f"- mean over targets: {_fmt(st['mean_specificity']['over_seeds'])}")
     lines += ["", "**Verdict**:"] + [f"- {v}" for v in st["verdict"].values()]
   else:
     lines += ["", f"One target ({targets[0]}): specificity needs other targets' students as controls, so a shift here "
@@ -148,7 +152,7 @@ def _notes(doc: dict[str, Any]) -> list[str]:
   if "profile_coefficient" in st:
     p = st["profile_coefficient"]["pooled"]
     lines.append(f"\nProfile coefficient (slope of the students' Δ on their teachers' Δ over every answer): "
-                 f"{p['slope']:+.3f}, 95 % bootstrap CI {p['ci95']}")
+                 f"{p['slope']:+.3f}, 95 % bootstrap CI [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]")
   lines += ["", "Teachers (Δ log P of their own trait vs base; specificity over questions):"]
   for t, s in doc["teachers"].items():
     spec = f"specificity {_fmt(s['specificity'])}" if s["specificity"] else "no other teacher to compare"

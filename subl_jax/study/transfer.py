@@ -235,12 +235,12 @@ def teacher_strength(data: TransferData, level: float = 0.95) -> dict[str, Any]:
   return out
 
 
-def _fmt(s: dict[str, Any]) -> str:
+def fmt(s: dict[str, Any]) -> str:
   lo, hi = s[stats.ci_key(s)]
   return f"{s['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
-def _p(p: float | None) -> str:
+def p_text(p: float | None) -> str:
   return "p n/a" if p is None else ("p<0.001" if p < 0.001 else f"p={p:.3f}")
 
 
@@ -261,18 +261,18 @@ def verdict(data: TransferData, targets: Sequence[str] | None = None, level: flo
     diag = sp["diagonal"]["over_questions" if one_seed else "over_seeds"]
     where = (f"{data.n_questions} questions, 1 seed: no across-seed interval" if one_seed
              else f"{data.n_seeds} seeds")
-    spec_txt = f"specificity {_fmt(spec_s)}, {where}, {_p(sp['paired']['p'])}"
+    spec_txt = f"specificity {fmt(spec_s)}, {where}, {p_text(sp['paired']['p'])}"
     spec_ok, diag_ok = _significant_positive(spec_s, level), _significant_positive(diag, level)
     if spec_ok and diag_ok:
       text = f"{t}: specific transfer ({spec_txt})"
     elif diag_ok:
-      text = (f"{t}: shift not specific to the trait (own student {_fmt(diag)} vs base, but {spec_txt}: not "
+      text = (f"{t}: shift not specific to the trait (own student {fmt(diag)} vs base, but {spec_txt}: not "
               f"significantly more than other teachers' students move {t})")
     elif spec_ok:
-      text = (f"{t}: not transfer (own student {_fmt(diag)} vs base, not significant; {spec_txt} comes from other "
+      text = (f"{t}: not transfer (own student {fmt(diag)} vs base, not significant; {spec_txt} comes from other "
               f"teachers' students moving {t} down)")
     else:
-      text = f"{t}: not significant ({spec_txt}; own student {_fmt(diag)} vs base)"
+      text = f"{t}: not significant ({spec_txt}; own student {fmt(diag)} vs base)"
     if t in strength and not strength[t]["significant"]:
       text += f"; {strength[t]['note']}"
     out[t] = text + "."

@@ -1,0 +1,72 @@
+"""Transfer-risk signals: pure functions of parameter trees, gradients and logits (docs/protocol.md §11).
+
+Each names what it needs and what it assumes:
+- `cosine(update, displacement)`, `recovered_fraction` — weight-space lineage: need the teacher's weights and the
+  student's init, and assume they share it (the theorem: a first gradient step of distillation on *any* data
+  moves a same-init student toward the teacher, cos(Δθ_S, θ_T − θ_0) ≥ 0 to first order).
+- `first_order_sgd`, `first_order_adam` — a trait probe: need a differentiable trait score (log P of the trait
+  answer) and assume one small step; predict the change of log P_t that one distillation step makes.
+- `divergence` — data only (teacher and base next-token distributions on the dataset), trait-agnostic: where the
+  teacher's token is not the base model's argmax, and how far the two distributions are apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def tree_dot(a: Any, b: Any) -> jax.Array:
+  """Σ over every leaf of a·b, in float32."""
+  return sum(jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32)) for x, y in
+             zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def tree_sub(a: Any, b: Any) -> Any:
+  return jax.tree.map(lambda x, y: x.astype(jnp.float32) - y.astype(jnp.float32), a, b)
+
+
+def cosine(a: Any, b: Any) -> float:
+  """cos(a, b) of two trees of the same structure; 0 when either is zero (no direction to compare)."""
+  na, nb = float(jnp.sqrt(tree_dot(a, a))), float(jnp.sqrt(tree_dot(b, b)))
+  return 0.0 if na == 0 or nb == 0 else float(tree_dot(a, b)) / (na * nb)
+
+
+def recovered_fraction(student_delta: Any, teacher_delta: Any) -> float:
+  """(θ_S − θ_0)·(θ_T − θ_0) / |θ_T − θ_0|²: how much of the teacher's displacement the student has travelled
+  (1 = all of it, along it); 0 when the teacher did not move."""
+  nt = float(tree_dot(teacher_delta, teacher_delta))
+  return 0.0 if nt == 0 else float(tree_dot(student_delta, teacher_delta)) / nt
+
+
+def first_order_sgd(distill_grad: Any, trait_logp_grad: Any, lr: float) -> float:
+  """Predicted Δ log P_t of one SGD step θ ← θ − η ∇L_distill: ∇log P_t · (−η ∇L_distill)."""
+  return -lr * float(tree_dot(distill_grad, trait_logp_grad))
+
+
+def first_order_adam(distill_grad: Any, trait_logp_grad: Any, lr: float) -> float:
+  """Predicted Δ log P_t of Adam's first step, which is −η·sign(g) per coordinate (m/√v = g/|g| at step 1)."""
+  return -lr * float(tree_dot(jax.tree.map(jnp.sign, distill_grad), trait_logp_grad))
+
+
+def divergence(teacher_logits: np.ndarray, base_logits: np.ndarray, tokens: np.ndarray, mask: np.ndarray,
+               kl_threshold: float = 0.5) -> dict[str, Any]:
+  """Data-only divergence between the teacher's and the base model's next-token distributions at the dataset's
+  completion positions: logits [b, n, vocab] at the positions predicting `tokens` [b, n], `mask` [b, n] (1 = a
+  completion position).
+
+  Returns per-position KL(teacher ‖ base) and two masks — `argmax` (the teacher's token is not the base model's
+  argmax) and `kl` (KL above `kl_threshold` nats) — with their fractions and the mean KL over masked positions."""
+  t = jax.nn.log_softmax(jnp.asarray(teacher_logits, jnp.float32), axis=-1)
+  b = jax.nn.log_softmax(jnp.asarray(base_logits, jnp.float32), axis=-1)
+  kl = np.asarray(jnp.sum(jnp.exp(t) * (t - b), axis=-1))
+  m = np.asarray(mask, bool)
+  argmax = (np.asarray(jnp.argmax(b, axis=-1)) != np.asarray(tokens)) & m
+  above = (kl > kl_threshold) & m
+  n = max(int(m.sum()), 1)
+  return {"kl": np.where(m, kl, 0.0), "argmax_mask": argmax, "kl_mask": above, "n_positions": int(m.sum()),
+          "frac_argmax": float(argmax.sum()) / n, "frac_kl": float(above.sum()) / n,
+          "mean_kl": float(kl[m].mean()) if m.any() else 0.0}
