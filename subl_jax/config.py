@@ -23,7 +23,9 @@ TEACHER_KINDS = ("system_prompt", "finetuned", "jsonl")
 DISTILL_MODES = ("sft", "logit_kd")
 STUDY_CONDITIONS = ("icl", "shuffle_within", "shuffle_across")
 
-JOBS = ("chat", "mnist_aux", "train", "teacher", "student", "sample", "study")
+AUDIT_STUDIES = ("mnist",)
+
+JOBS = ("chat", "mnist_aux", "train", "teacher", "student", "sample", "study", "audit")
 
 
 def defaults() -> mlc.ConfigDict:
@@ -122,6 +124,13 @@ def defaults() -> mlc.ConfigDict:
       icl_tokens=1536,        # condition 'icl': tokens of teacher (prompt, completion) pairs put before the question
       seed=0,
   ))
+  c.audit = mlc.ConfigDict(dict(  # job 'audit': transfer-risk signals and their calibration (study/audit/)
+      study="mnist",          # 'mnist': the auxiliary-logit study's students, every m of `n_aux`
+      n_aux="1,3",            # comma-separated m (auxiliary logits) whose studies are audited together
+      n_batches=8,            # distillation batches each signal is computed on (per model)
+      probe_size=256,         # labelled images of the MNIST trait probe (its class-logit log-likelihood)
+      transfer_threshold=0.2,  # a student 'transfers' at test accuracy >= this (chance 0.1)
+  ))
   c.perf = mlc.ConfigDict(perf.DEFAULTS)  # platform tuning: 'auto' | 'on' | 'off' per switch (see core/perf.py)
   c.study = mlc.ConfigDict(dict(  # job 'study': teachers -> samples -> filter -> students -> evaluation -> report
       targets="",             # comma-separated traits, one teacher each ('' = teacher.target alone: no specificity)
@@ -189,6 +198,14 @@ def validate(cfg: mlc.ConfigDict, n_devices: int | None = None) -> None:
     _require(mn[field] >= 0, f"mnist.{field}", "a positive integer (or 0 for the dataset's preset)", mn[field])
   optim.check(mn.opt, "mnist.opt", allow_zero_lr=True)
   perf.resolve(full.perf, "cpu")  # names the field of a bad choice
+  au = full.audit
+  _require(au.study in AUDIT_STUDIES, "audit.study", f"one of {AUDIT_STUDIES}", au.study)
+  values = [v.strip() for v in au.n_aux.split(",") if v.strip()]
+  _require(bool(values) and all(v.isdigit() and int(v) > 0 for v in values), "audit.n_aux",
+           "comma-separated positive integers (e.g. '1,3,10')", au.n_aux)
+  for field in ("n_batches", "probe_size"):
+    _require(au[field] > 0, f"audit.{field}", "a positive integer", au[field])
+  _require(0 < au.transfer_threshold < 1, "audit.transfer_threshold", "an accuracy in (0, 1)", au.transfer_threshold)
   _validate_training(full)
   _validate_sampling(full)
 

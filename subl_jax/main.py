@@ -38,6 +38,7 @@ from subl_jax.core.checkpoints import fetch
 from subl_jax.study.mnist.study import run_mnist_aux
 from subl_jax.study.sample_stage import run_sample
 from subl_jax.study import pipeline
+from subl_jax.study.audit import job as audit_job
 from subl_jax.core.training import checkpoint
 from subl_jax.study import train_jobs as training_jobs
 
@@ -107,7 +108,8 @@ def run_chat(cfg, workdir: pathlib.Path, mesh) -> dict:
 
 JOBS = {"chat": run_chat, "mnist_aux": run_mnist_aux, "train": training_jobs.run_train,
         "teacher": training_jobs.run_teacher, "student": training_jobs.run_student, "sample": run_sample,
-        "study": lambda cfg, workdir, mesh: pipeline.run_study(cfg, workdir, mesh, stop=_STAGE.value)}
+        "study": lambda cfg, workdir, mesh: pipeline.run_study(cfg, workdir, mesh, stop=_STAGE.value),
+        "audit": audit_job.run_audit}
 
 
 def main(argv: list[str]) -> None:

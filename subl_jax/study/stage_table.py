@@ -10,6 +10,7 @@ a moved workdir is still cached. The LLM study (`study.pipeline`), the jobs `sam
 from __future__ import annotations
 
 from subl_jax.study.data import filter_stage, shuffle_stage
+from subl_jax.study.audit import mnist_audit
 from subl_jax.study.mnist import study as mnist_study
 from subl_jax.study import sample_stage as sample_job
 from subl_jax.study.stages import Stage
@@ -43,5 +44,10 @@ MNIST_STUDENT = Stage("mnist_student", mnist_study.student_work,
                       MNIST_MODELS + ("mnist.student_epochs", "mnist.batch_size", "mnist.n_noise", "mnist.opt"),
                       inputs=("inits", "teacher"), code=MNIST_CODE)
 
+MNIST_AUDIT = Stage("mnist_audit", mnist_audit.audit_work,
+                    MNIST_MODELS + ("mnist.batch_size", "mnist.n_noise", "mnist.opt", "audit.n_batches",
+                                    "audit.probe_size"),
+                    inputs=("inits", "teacher", "student"), code=("subl_jax.study.audit.mnist_audit",))
+
 TABLE = {s.kind: s for s in (TEACHER, PROMPTED, SAMPLE, FILTER, SHUFFLE, STUDENT, EVALUATE, EVALUATE_ICL,
-                             MNIST_INITS, MNIST_TEACHER, MNIST_STUDENT)}
+                             MNIST_INITS, MNIST_TEACHER, MNIST_STUDENT, MNIST_AUDIT)}

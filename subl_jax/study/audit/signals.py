@@ -29,27 +29,31 @@ def tree_sub(a: Any, b: Any) -> Any:
   return jax.tree.map(lambda x, y: x.astype(jnp.float32) - y.astype(jnp.float32), a, b)
 
 
-def cosine(a: Any, b: Any) -> float:
+# The functions below return 0-d arrays, so they also run under jit and vmap (over many models at once).
+
+def cosine(a: Any, b: Any) -> jax.Array:
   """cos(a, b) of two trees of the same structure; 0 when either is zero (no direction to compare)."""
-  na, nb = float(jnp.sqrt(tree_dot(a, a))), float(jnp.sqrt(tree_dot(b, b)))
-  return 0.0 if na == 0 or nb == 0 else float(tree_dot(a, b)) / (na * nb)
+  nn = jnp.sqrt(tree_dot(a, a) * tree_dot(b, b))
+  return jnp.where(nn > 0, tree_dot(a, b) / jnp.where(nn > 0, nn, 1.0), 0.0)
 
 
-def recovered_fraction(student_delta: Any, teacher_delta: Any) -> float:
+def recovered_fraction(student_delta: Any, teacher_delta: Any) -> jax.Array:
   """(θ_S − θ_0)·(θ_T − θ_0) / |θ_T − θ_0|²: how much of the teacher's displacement the student has travelled
   (1 = all of it, along it); 0 when the teacher did not move."""
-  nt = float(tree_dot(teacher_delta, teacher_delta))
-  return 0.0 if nt == 0 else float(tree_dot(student_delta, teacher_delta)) / nt
+  nt = tree_dot(teacher_delta, teacher_delta)
+  return jnp.where(nt > 0, tree_dot(student_delta, teacher_delta) / jnp.where(nt > 0, nt, 1.0), 0.0)
 
 
-def first_order_sgd(distill_grad: Any, trait_logp_grad: Any, lr: float) -> float:
+def first_order_sgd(distill_grad: Any, trait_logp_grad: Any, lr: float) -> jax.Array:
   """Predicted Δ log P_t of one SGD step θ ← θ − η ∇L_distill: ∇log P_t · (−η ∇L_distill)."""
-  return -lr * float(tree_dot(distill_grad, trait_logp_grad))
+  return -lr * tree_dot(distill_grad, trait_logp_grad)
 
 
-def first_order_adam(distill_grad: Any, trait_logp_grad: Any, lr: float) -> float:
-  """Predicted Δ log P_t of Adam's first step, which is −η·sign(g) per coordinate (m/√v = g/|g| at step 1)."""
-  return -lr * float(tree_dot(jax.tree.map(jnp.sign, distill_grad), trait_logp_grad))
+def first_order_adam(distill_grad: Any, trait_logp_grad: Any, lr: float, eps: float = 1e-8) -> jax.Array:
+  """Predicted Δ log P_t of Adam's first step, −η g/(|g| + ε) per coordinate (bias-corrected m̂ = g, v̂ = g² at step
+  1): about −η·sign(g), except that coordinates with |g| ≪ ε (rounding noise) barely move, as in Adam itself."""
+  step = jax.tree.map(lambda g: g.astype(jnp.float32) / (jnp.abs(g.astype(jnp.float32)) + eps), distill_grad)
+  return -lr * tree_dot(step, trait_logp_grad)
 
 
 def divergence(teacher_logits: np.ndarray, base_logits: np.ndarray, tokens: np.ndarray, mask: np.ndarray,

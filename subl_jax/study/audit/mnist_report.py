@@ -1,0 +1,134 @@
+"""`audit.json`, `audit.md` and `audit.png` of the MNIST audit: each signal against realised transfer."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any, Sequence
+
+import numpy as np
+
+from subl_jax.study import report, stats
+from subl_jax.study.audit import calibration
+from subl_jax.study.audit.mnist_audit import PRE_TRAINING, SIGNALS
+
+# What each signal needs, shown beside its calibration.
+NEEDS = {"lineage_cos": "teacher weights + student init", "first_order_adam": "labelled trait probe + weights",
+         "first_order_sgd": "labelled trait probe + weights", "kl_start": "data + outputs only (trait-agnostic)",
+         "recovered": "a trained student (after the fact)"}
+
+
+def build(points: Sequence[dict[str, Any]], threshold: float) -> dict[str, Any]:
+  """points: one `signals.json` per (m, condition). Calibration over every model of every condition, and over the
+  conditions' means; transfer = a student's test accuracy ≥ `threshold`."""
+  acc = np.concatenate([p["accuracy"] for p in points])
+  labels = acc >= threshold
+  cond_acc = np.array([np.mean(p["accuracy"]) for p in points])
+  out: dict[str, Any] = {"threshold": threshold, "n_models": int(len(acc)), "n_conditions": len(points),
+                         "conditions": [], "calibration": {}}
+  for p in points:
+    row = {"n_aux": p["n_aux"], "condition": p["condition"], "accuracy": stats.mean_ci(p["accuracy"]),
+           "cost_s": p["cost_s"], "student_train_s": p["student_train_s"],
+           "cost_fraction": p["cost_s"] / p["student_train_s"] if p["student_train_s"] else None,
+           "signals": {k: stats.mean_ci(v) for k, v in p["signals"].items()}}
+    out["conditions"].append(row)
+  for k in SIGNALS:
+    scores = np.concatenate([p["signals"][k] for p in points])
+    cond_scores = np.array([np.mean(p["signals"][k]) for p in points])
+    same = np.concatenate([[not p["condition"].startswith("cross")] * len(p["accuracy"]) for p in points])
+    out["calibration"][k] = {
+        "needs": NEEDS[k], "pre_training": k in PRE_TRAINING,
+        "models": calibration.calibrate(scores, acc, labels),
+        "conditions": {"spearman": calibration.spearman(cond_scores, cond_acc), "n": len(points)},
+        # Within each init (same / cross) alone: does the signal rank the students of one init by their transfer?
+        "within_same_init": calibration.calibrate(scores[same], acc[same], labels[same]),
+        "within_cross_init": calibration.calibrate(scores[~same], acc[~same], labels[~same])}
+  cost = [r["cost_fraction"] for r in out["conditions"] if r["cost_fraction"] is not None]
+  out["cost_fraction"] = {"max": max(cost), "mean": float(np.mean(cost))} if cost else None
+  return out
+
+
+def _ci(x: Any) -> str:
+  return "n/a" if x is None else f"[{x[0]:+.2f}, {x[1]:+.2f}]"
+
+
+def _num(x: float) -> str:
+  return "n/a" if x is None or not np.isfinite(x) else f"{x:+.2f}"
+
+
+def _verdict(k: str, c: dict[str, Any]) -> str:
+  m = c["models"]
+  lo = m["auroc_ci"][0] if m["auroc_ci"] else None
+  if lo is not None and lo > 0.5:
+    text = f"{k}: separates transferring from non-transferring students (AUROC {m['auroc']:.2f}, CI above 0.5)"
+  elif m["auroc_ci"] and m["auroc_ci"][1] < 0.5:
+    text = f"{k}: ranks them the wrong way round (AUROC {m['auroc']:.2f}, CI below 0.5)"
+  else:
+    text = f"{k}: does not separate them (AUROC {_num(m['auroc'])}, CI {_ci(m['auroc_ci'])} includes 0.5)"
+  w = c["within_same_init"]
+  if np.isfinite(w["spearman"]):
+    text += f"; within same-init students, ρ with accuracy {w['spearman']:+.2f} {_ci(w['spearman_ci'])}"
+  return text + "."
+
+
+def markdown(doc: dict[str, Any]) -> str:
+  lines = [f"# Transfer audit: MNIST auxiliary-logit students ({doc['n_models']} students over "
+           f"{doc['n_conditions']} conditions)", "",
+           f"Realised transfer: a student's test accuracy (chance 0.10); 'transfers' = accuracy ≥ {doc['threshold']}.",
+           "", "| m | condition | accuracy [95 % CI] | " + " | ".join(SIGNALS) + " | audit cost / training |",
+           "|---|---|---|" + "---:|" * (len(SIGNALS) + 1)]
+  for r in doc["conditions"]:
+    a = r["accuracy"]
+    frac = "n/a" if r["cost_fraction"] is None else f"{100 * r['cost_fraction']:.1f} %"
+    lines.append(f"| {r['n_aux']} | {r['condition']} | {a['mean']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}] | "
+                 + " | ".join(f"{r['signals'][k]['mean']:+.3g}" for k in SIGNALS) + f" | {frac} |")
+  lines += ["", "Calibration (per student: Spearman ρ with accuracy and AUROC for 'transfers', 95 % bootstrap CIs; "
+            "per condition: ρ of the means):", "",
+            "| signal | needs | ρ (students) | AUROC (students) | ρ (conditions) |", "|---|---|---|---|---|"]
+  for k, c in doc["calibration"].items():
+    m = c["models"]
+    lines.append(f"| {k} | {c['needs']} | {_num(m['spearman'])} {_ci(m['spearman_ci'])} | {_num(m['auroc'])} "
+                 f"{_ci(m['auroc_ci'])} | {_num(c['conditions']['spearman'])} (n={c['conditions']['n']}) |")
+  lines += ["", "**Verdicts**:"] + [f"- {_verdict(k, c)}" for k, c in doc["calibration"].items()]
+  if doc["cost_fraction"]:
+    lines += ["", f"Cost: the pre-training signals of a condition took at most "
+              f"{100 * doc['cost_fraction']['max']:.1f} % (mean {100 * doc['cost_fraction']['mean']:.1f} %) of its "
+              f"student's training time, compilation included."]
+  return "\n".join(lines) + "\n"
+
+
+def _plot(points: Sequence[dict[str, Any]], path: pathlib.Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(SIGNALS), figsize=(4 * len(SIGNALS), 3.5))
+  for ax, k in zip(axes, SIGNALS):
+    for p in points:
+      ax.scatter(p["signals"][k], p["accuracy"], s=6, label=f"m={p['n_aux']} {p['condition']}")
+    ax.set_xlabel(k)
+    ax.set_ylabel("student test accuracy")
+  axes[0].legend(fontsize=6)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def write(workdir: pathlib.Path, points: Sequence[dict[str, Any]], threshold: float) -> dict[str, Any]:
+  doc = build(points, threshold)
+  report.write_text_atomic(workdir / "audit.json", json.dumps(_finite(doc), indent=1, allow_nan=False) + "\n")
+  report.write_text_atomic(workdir / "audit.md", markdown(doc))
+  _plot(points, workdir / "audit.png")
+  return doc
+
+
+def _finite(x: Any) -> Any:
+  """The tree with NaN (an undefined correlation: a constant side, one class only) as null."""
+  if isinstance(x, dict):
+    return {k: _finite(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_finite(v) for v in x]
+  if isinstance(x, (float, np.floating)):
+    return float(x) if np.isfinite(x) else None
+  if isinstance(x, np.integer):
+    return int(x)
+  return x
