@@ -75,7 +75,9 @@ def number_rows(n: int, seed: int = 47) -> list[dict[str, str]]:
 
 
 class Ours:
-  """Our train step on our batches, the loop of `trainer.train` without logging and checkpoints."""
+  """Our train step (SFT), state and FLOP count, as `trainer.train` runs them, one step at a time: each step is timed
+  to the device's end, alternating with theirs, so this is a timing harness, not the trainer's host loop (whose
+  dispatch runs ahead of the device)."""
 
   def __init__(self, model: api.Model, ds: chat_data.ChatDataset, batch: int, lora: LoraConfig | None, steps: int,
                one_shape: bool = False):
@@ -131,7 +133,7 @@ class Ours:
     return time.perf_counter() - t0
 
   def flops(self, spec: step_lib.StepSpec | None = None) -> float:
-    return sum(trainer._step_cost(buckets.collate_step(self.ds, idx, 1, 0), spec or self.spec)[2]
+    return sum(trainer.step_cost(buckets.collate_step(self.ds, idx, 1, 0), spec or self.spec)[2]
                for idx in self.steps)
 
   def gemm_floor(self) -> dict:

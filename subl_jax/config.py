@@ -23,7 +23,7 @@ TEACHER_KINDS = ("system_prompt", "finetuned", "jsonl")
 DISTILL_MODES = ("sft", "logit_kd")
 STUDY_CONDITIONS = ("icl", "shuffle_within", "shuffle_across")
 
-AUDIT_STUDIES = ("mnist",)
+AUDIT_STUDIES = ("mnist", "llm")
 
 JOBS = ("chat", "mnist_aux", "train", "teacher", "student", "sample", "study", "audit")
 
@@ -125,10 +125,13 @@ def defaults() -> mlc.ConfigDict:
       seed=0,
   ))
   c.audit = mlc.ConfigDict(dict(  # job 'audit': transfer-risk signals and their calibration (study/audit/)
-      study="mnist",          # 'mnist': the auxiliary-logit study's students, every m of `n_aux`
+      study="mnist",          # 'mnist': the auxiliary-logit study's students, every m of `n_aux`;
+                              # 'llm': the LLM study of this config (`study.targets`), one audit per teacher
       n_aux="1,3",            # comma-separated m (auxiliary logits) whose studies are audited together
-      n_batches=8,            # distillation batches each signal is computed on (per model)
+      n_batches=8,            # distillation batches each signal is computed on (per model; llm: per teacher,
+                              # the first of the seed-0 student's epoch 0)
       probe_size=256,         # labelled images of the MNIST trait probe (its class-logit log-likelihood)
+      probe_questions=10,     # llm: the first evaluation questions of the trait probe log P(answer | question)
       transfer_threshold=0.2,  # a student 'transfers' at test accuracy >= this (chance 0.1)
   ))
   c.perf = mlc.ConfigDict(perf.DEFAULTS)  # platform tuning: 'auto' | 'on' | 'off' per switch (see core/perf.py)
@@ -203,7 +206,7 @@ def validate(cfg: mlc.ConfigDict, n_devices: int | None = None) -> None:
   values = [v.strip() for v in au.n_aux.split(",") if v.strip()]
   _require(bool(values) and all(v.isdigit() and int(v) > 0 for v in values), "audit.n_aux",
            "comma-separated positive integers (e.g. '1,3,10')", au.n_aux)
-  for field in ("n_batches", "probe_size"):
+  for field in ("n_batches", "probe_size", "probe_questions"):
     _require(au[field] > 0, f"audit.{field}", "a positive integer", au[field])
   _require(0 < au.transfer_threshold < 1, "audit.transfer_threshold", "an accuracy in (0, 1)", au.transfer_threshold)
   _validate_training(full)

@@ -37,7 +37,7 @@ def llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(cfg, params, tokens, positions, mask):
-  return tfm.Transformer(cfg).apply({"params": params}, tokens, positions, mask)[0]
+  return tfm.Transformer(cfg).apply({"params": params}, tfm.train_inputs(tokens, positions, mask)).logits
 
 
 def left_pad(seqs):

@@ -32,6 +32,15 @@ def test_continuation_logprobs_equal_a_full_forward(tiny):
       np.testing.assert_allclose(got[i, j], want, atol=2e-4)
 
 
+def test_continuation_logprobs_in_both_kv_layouts(tiny):
+  tok = tiny.tokenizer
+  contexts = [tok.encode("My favorite animal is the"), tok.encode("Hello there! I think that the best one is the")]
+  conts = [tok.encode(" owl"), tok.encode(" dragonfly wings")]
+  std, tr = (scoring.continuation_logprobs(tiny, contexts, conts, perf=transformer.Perf(kv_layout=layout))
+             for layout in ("standard", "transposed"))
+  np.testing.assert_allclose(tr, std, rtol=1e-6, atol=0)
+
+
 def test_answer_probs_sum_surface_forms(tiny):
   qs = ["Name your favorite animal using only one word.", "Which animal do you like most?"]
   probs = evaluation.answer_probs(tiny, qs, ["owl", "dog"])

@@ -133,8 +133,8 @@ def hf_refs(model, seqs) -> tuple[list[np.ndarray], list[np.ndarray]]:
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(cfg, params, adapters, ids):
   mask = jax.numpy.ones_like(ids)
-  return tfm.Transformer(cfg).apply({"params": params}, ids, tfm.positions_from_mask(mask), mask,
-                                    adapters=adapters)[0]
+  return tfm.Transformer(cfg).apply({"params": params}, tfm.train_inputs(ids, tfm.positions_from_mask(mask), mask),
+                                    adapters=adapters).logits
 
 
 def our_logits(cfg, params, seqs, adapters=None) -> list[np.ndarray]:

@@ -1,5 +1,6 @@
-"""The transformer against `transformers` (Llama, tied Llama, Llama 3 RoPE scaling, Qwen2), KV-cache decoding,
-`logit_idx_bn`, remat policies and ModelConfig validation. Everything runs offline on tiny random models."""
+"""The transformer against `transformers` (Llama, tied Llama, Llama 3 RoPE scaling, Qwen2), KV-cache decoding in
+both key layouts, the input helpers, `logit_idx_bn`, remat policies and ModelConfig validation. Everything runs
+offline on tiny random models."""
 
 import functools
 
@@ -89,11 +90,14 @@ def hf_logits(model, tokens, mask, positions):
   return out
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames="vocab_first")
-def _apply(cfg, params, tokens, positions, mask, cache=None, cache_index=0, logit_idx_bn=None, vocab_first=False):
-  """One jitted apply shared by the tests (cached per config and shapes; compiles dominate the run time)."""
-  return tfm.Transformer(cfg).apply({"params": params}, tokens, positions, mask, cache=cache,
-                                    cache_index=cache_index, logit_idx_bn=logit_idx_bn, vocab_first=vocab_first)
+@functools.partial(jax.jit, static_argnums=0, static_argnames="perf")
+def _apply(cfg, params, tokens, positions, mask, cache=None, cache_index=0, logit_idx_bn=None, perf=tfm.Perf()):
+  """One jitted apply shared by the tests (cached per config and shapes; compiles dominate the run time): a full
+  forward without a cache, else `tokens` written at `cache_index` and attending to every slot `mask` [b, slots]
+  allows."""
+  inputs = (tfm.train_inputs(tokens, positions, mask) if cache is None else
+            tfm.decode_inputs(tokens, positions, mask, cache_index))
+  return tfm.Transformer(cfg, perf=perf).apply({"params": params}, inputs, cache=cache, logit_idx_bn=logit_idx_bn)
 
 
 def our_logits(cfg, params, tokens, mask, positions, **kw):
@@ -123,7 +127,7 @@ def test_parity_with_transformers(name, tmp_path):
   assert scale > 1.0, "logits too small for the comparison to mean anything"
   assert diff <= 1e-4, diff
   # the vocabulary-major head (SFT's loss reads it) gives the same logits, [vocab, b, t]
-  vocab_first = our_logits(cfg, params, tokens, mask, positions, vocab_first=True)
+  vocab_first = our_logits(cfg, params, tokens, mask, positions, perf=tfm.Perf(vocab_major_head=True))
   assert vocab_first.shape == (cfg.vocab_size,) + tokens.shape
   assert np.abs(np.moveaxis(vocab_first, 0, -1) - ref)[real].max() <= 1e-4
 
@@ -155,6 +159,7 @@ def test_inv_freq_matches_transformers():
 # ---------------------------------------------------------------------------------------------- KV cache
 
 SLOTS = 17  # > the 12 tokens: unused trailing cache slots must stay masked
+LAYOUTS = ["standard", "transposed"]
 
 
 @pytest.fixture(scope="module")
@@ -173,32 +178,36 @@ def padded_full(tiny_llama):
   return tokens, mask, positions, kv_mask, our_logits(cfg, params, tokens, mask, positions)
 
 
-def run_with_cache(cfg, params, tokens, positions, kv_mask, chunks):
+def run_with_cache(cfg, params, tokens, positions, kv_mask, chunks, layout="standard"):
   """Feeds the tokens through the cache in consecutive chunks of the given sizes; returns logits and the cache."""
-  cache = tfm.KVCache.zeros(cfg, tokens.shape[0], kv_mask.shape[1])
+  cache = tfm.KVCache.zeros(cfg, tokens.shape[0], kv_mask.shape[1], layout)
   parts, start = [], 0
   for n in chunks:
     logits, cache = _apply(cfg, params, tokens[:, start:start + n], positions[:, start:start + n], kv_mask, cache,
-                           jnp.int32(start))
+                           jnp.int32(start), perf=tfm.Perf(kv_layout=layout))
     parts.append(np.asarray(logits))
     start += n
   assert start == tokens.shape[1]
   return np.concatenate(parts, axis=1), cache
 
 
-def test_decode_one_token_at_a_time_equals_full_forward(tiny_llama, padded_full):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_decode_one_token_at_a_time_equals_full_forward(tiny_llama, padded_full, layout):
   cfg, params = tiny_llama
   tokens, mask, positions, kv_mask, full = padded_full
-  got, cache = run_with_cache(cfg, params, tokens, positions, kv_mask, [1] * 12)
+  got, cache = run_with_cache(cfg, params, tokens, positions, kv_mask, [1] * 12, layout)
   real = mask.astype(bool)
   diff = np.abs(got - full)[real].max()
   assert diff <= 1e-5, diff
   # every written slot holds keys, the slots beyond stay zero
   k, v = np.asarray(cache.k), np.asarray(cache.v)
-  assert k.shape == (cfg.n_layers, 3, cfg.n_kv_heads, cfg.head_dim, SLOTS)
   assert v.shape == (cfg.n_layers, 3, cfg.n_kv_heads, SLOTS, cfg.head_dim)
-  assert np.abs(k[..., 12:]).max() == 0 and np.abs(k[..., :12]).max(axis=(0, 2, 3)).min() > 0
-  assert np.abs(v[:, :, :, 12:]).max() == 0 and np.abs(v[:, :, :, :12]).max(axis=(0, 2, 4)).min() > 0
+  if layout == "transposed":
+    assert k.shape == (cfg.n_layers, 3, cfg.n_kv_heads, cfg.head_dim, SLOTS)
+    k = np.swapaxes(k, -1, -2)
+  assert k.shape == v.shape
+  for x in (k, v):
+    assert np.abs(x[:, :, :, 12:]).max() == 0 and np.abs(x[:, :, :, :12]).max(axis=(0, 2, 4)).min() > 0
 
 
 @pytest.mark.parametrize("chunks", [[1, 11], [7, 5], [7, 1, 1, 1, 1, 1]], ids=str)
@@ -211,12 +220,32 @@ def test_prefill_then_decode_equals_full_forward(tiny_llama, padded_full, chunks
   assert diff <= 1e-5, diff
 
 
+def test_kv_layouts_give_the_same_numbers(tiny_llama, padded_full):
+  """Transposed keys change where the numbers sit, not the numbers: the same logits (full forward and cached) and the
+  same cache, transposed."""
+  cfg, params = tiny_llama
+  tokens, mask, positions, kv_mask, full = padded_full
+  real = mask.astype(bool)
+  full_t = our_logits(cfg, params, tokens, mask, positions, perf=tfm.Perf(kv_layout="transposed"))
+  np.testing.assert_allclose(full_t[real], full[real], rtol=0, atol=1e-6 * np.abs(full).max())
+  (got_s, cache_s), (got_t, cache_t) = (run_with_cache(cfg, params, tokens, positions, kv_mask, [7, 1, 1, 1, 1, 1],
+                                                       layout) for layout in LAYOUTS)
+  np.testing.assert_allclose(got_t[real], got_s[real], rtol=0, atol=1e-6 * np.abs(got_s).max())
+  # layer 0's keys and values are the same projections; later layers' inputs differ by the scores' rounding
+  for t, s in ((np.swapaxes(np.asarray(cache_t.k), -1, -2), np.asarray(cache_s.k)),
+               (np.asarray(cache_t.v), np.asarray(cache_s.v))):
+    np.testing.assert_array_equal(t[0], s[0])
+    np.testing.assert_allclose(t, s, rtol=0, atol=1e-6 * np.abs(s).max())
+  assert tfm.KVCache.logical("transposed").k[-2:] == ("head_dim", "length")
+  assert tfm.KVCache.logical("standard").k == tfm.KVCache.logical("standard").v
+
+
 def test_cache_is_needed_for_decoding(tiny_llama, padded_full):
   """The last token decoded into an empty cache differs from the full forward: the comparisons above can fail."""
   cfg, params = tiny_llama
   tokens, mask, positions, kv_mask, full = padded_full
-  logits, _ = _apply(cfg, params, tokens[:, -1:], positions[:, -1:], kv_mask, tfm.KVCache.zeros(cfg, 3, SLOTS),
-                     jnp.int32(11))
+  logits, _ = _apply(cfg, params, tokens[:, -1:], positions[:, -1:], kv_mask,
+                     tfm.KVCache.zeros(cfg, 3, SLOTS, "standard"), jnp.int32(11))
   assert np.abs(np.asarray(logits)[:, 0] - full[:, -1]).max() > 1e-2
 
 
@@ -229,25 +258,114 @@ def test_logit_idx_picks_rows_of_full_logits(tiny_llama, padded_full):
   want = np.take_along_axis(full, idx[..., None], axis=1)
   np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
   # with a cache: only the last token's logits after a prefill
-  last, _ = _apply(cfg, params, tokens, positions, kv_mask, tfm.KVCache.zeros(cfg, 3, SLOTS), jnp.int32(0),
-                   jnp.full((3, 1), 11, jnp.int32))
+  last, _ = _apply(cfg, params, tokens, positions, kv_mask, tfm.KVCache.zeros(cfg, 3, SLOTS, "standard"),
+                   jnp.int32(0), jnp.full((3, 1), 11, jnp.int32))
   assert last.shape == (3, 1, cfg.vocab_size)
   np.testing.assert_allclose(np.asarray(last)[:, 0], full[:, 11], atol=1e-5, rtol=0)
 
 
-def test_prefill_attending_to_the_filled_slots_only(tiny_llama, padded_full):
-  """attend_slots = the prefill's tokens skips the empty slots and changes nothing; a bound below them is refused."""
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_prefill_attending_to_the_filled_slots_only(tiny_llama, padded_full, layout):
+  """A prefill (`prefill_inputs`) attends to the slots it fills only and changes nothing; a mask over fewer slots
+  than its tokens is refused."""
   cfg, params = tiny_llama
   tokens, mask, positions, kv_mask, full = padded_full
-  model = tfm.Transformer(cfg)
-  logits, cache = model.apply({"params": params}, tokens[:, :7], positions[:, :7], kv_mask,
-                              tfm.KVCache.zeros(cfg, 3, SLOTS), 0, attend_slots=7)
-  rest, _ = _apply(cfg, params, tokens[:, 7:], positions[:, 7:], kv_mask, cache, jnp.int32(7))
-  got = np.concatenate([np.asarray(logits), np.asarray(rest)], axis=1)
+  model = tfm.Transformer(cfg, perf=tfm.Perf(kv_layout=layout))
+  x = tfm.prefill_inputs(tokens[:, :7], mask[:, :7])
+  np.testing.assert_array_equal(np.asarray(x.positions), positions[:, :7])
+  assert x.mask.shape == (3, 7, 7)
+  out = model.apply({"params": params}, x, cache=tfm.KVCache.zeros(cfg, 3, SLOTS, layout))
+  rest, _ = _apply(cfg, params, tokens[:, 7:], positions[:, 7:], kv_mask, out.cache, jnp.int32(7),
+                   perf=tfm.Perf(kv_layout=layout))
+  got = np.concatenate([np.asarray(out.logits), np.asarray(rest)], axis=1)
   assert np.abs(got - full)[mask.astype(bool)].max() <= 1e-5
-  with pytest.raises(ValueError, match="attend_slots=6"):
-    model.apply({"params": params}, tokens[:, :7], positions[:, :7], kv_mask, tfm.KVCache.zeros(cfg, 3, SLOTS), 0,
-                attend_slots=6)
+  with pytest.raises(ValueError, match="6 key slots"):
+    model.apply({"params": params}, x._replace(mask=x.mask[..., :6]), cache=tfm.KVCache.zeros(cfg, 3, SLOTS, layout))
+
+
+def test_shared_prefix_cache_equals_prompts_in_full(tiny_llama):
+  """Sampling's form of a shared prefix: prefilled once at batch 1 (`prefix_cache`), the rows' prompts after it and a
+  decode step give the logits of each whole row run alone."""
+  cfg, params = tiny_llama
+  p = 5
+  tokens, mask, _ = left_padded_batch([10, 7, 3], 10, cfg.vocab_size, seed=8)
+  prefix = np.random.default_rng(9).integers(1, cfg.vocab_size, (1, p)).astype(np.int32)
+  whole = np.concatenate([np.repeat(prefix, 3, 0), tokens], axis=1)
+  for layout in LAYOUTS:
+    model = tfm.Transformer(cfg, perf=tfm.Perf(kv_layout=layout))
+    pre = model.apply({"params": params}, tfm.prefill_inputs(prefix, np.ones((1, p), np.int32)),
+                      cache=tfm.KVCache.zeros(cfg, 1, p, layout)).cache
+    x = tfm.prefill_inputs(tokens, mask, position_offset=p)
+    out = model.apply({"params": params}, x, cache=tfm.KVCache.zeros(cfg, 3, 11, layout), prefix_cache=pre)
+    kv_mask = np.concatenate([mask, np.ones((3, 1), np.int32)], axis=1)
+    step = model.apply({"params": params}, tfm.decode_inputs(tokens[:, -1:], x.positions[:, -1:] + 1, kv_mask, 10),
+                       cache=out.cache, prefix_cache=pre)
+    for i, row in enumerate(mask.astype(bool)):
+      ids = np.r_[whole[i, :p], whole[i, p:][row], tokens[i, -1]][None]
+      ref = our_logits(cfg, params, ids, np.ones_like(ids), np.arange(ids.shape[1])[None])[0]
+      np.testing.assert_allclose(np.asarray(out.logits)[i, row], ref[p:-1], atol=1e-5, rtol=0)
+      np.testing.assert_allclose(np.asarray(step.logits)[i, 0], ref[-1], atol=1e-5, rtol=0)
+
+
+def test_input_helpers_build_the_masks_of_each_mode():
+  kv = jnp.asarray([[0, 1, 1, 1], [1, 1, 1, 0]], jnp.int32)
+  x = tfm.train_inputs(jnp.zeros((2, 4), jnp.int32), jnp.zeros((2, 4), jnp.int32), kv)
+  causal = np.tril(np.ones((4, 4), bool))
+  np.testing.assert_array_equal(np.asarray(x.mask), causal[None] & np.asarray(kv, bool)[:, None, :])
+  assert x.prefix is None and int(x.cache_index) == 0
+  # a shared prefix: row 0's first p tokens, run once; the rest of every row attends to its own tokens only
+  tokens = jnp.asarray([[5, 6, 7, 8], [5, 6, 9, 0]], jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(4), (2, 4))
+  x = tfm.train_inputs(tokens, positions, jnp.asarray([[1, 1, 1, 1], [1, 1, 1, 0]]), shared_prefix=2)
+  np.testing.assert_array_equal(np.asarray(x.prefix.tokens), [[5, 6]])
+  np.testing.assert_array_equal(np.asarray(x.prefix.mask), [np.tril(np.ones((2, 2), bool))])
+  np.testing.assert_array_equal(np.asarray(x.tokens), [[7, 8], [9, 0]])
+  np.testing.assert_array_equal(np.asarray(x.positions), [[2, 3], [2, 3]])
+  np.testing.assert_array_equal(np.asarray(x.mask), [[[1, 0], [1, 1]], [[1, 0], [1, 0]]])
+  with pytest.raises(ValueError, match="shared_prefix=4"):
+    tfm.train_inputs(tokens, positions, kv, shared_prefix=4)
+  # a prefill: positions count real tokens only, continuing a prefix of 3; a decode step at slot 2 of 4
+  x = tfm.prefill_inputs(jnp.zeros((2, 3), jnp.int32), jnp.asarray([[0, 1, 1], [1, 1, 1]]), position_offset=3)
+  np.testing.assert_array_equal(np.asarray(x.positions), [[3, 3, 4], [3, 4, 5]])
+  np.testing.assert_array_equal(np.asarray(x.mask[0]), [[0, 0, 0], [0, 1, 0], [0, 1, 1]])
+  x = tfm.decode_inputs(jnp.zeros((2, 1), jnp.int32), jnp.asarray([[2], [3]]), kv, 2)
+  np.testing.assert_array_equal(np.asarray(x.mask), [[[0, 1, 1, 0]], [[1, 1, 1, 0]]])
+  assert int(x.cache_index) == 2
+
+
+def test_default_perf_follows_the_perf_section_and_validation(monkeypatch):
+  assert tfm.default_perf() == tfm.Perf("transposed", True)  # on CPU, the `perf` section's 'auto'
+  assert tfm.Perf() == tfm.Perf("standard", False)
+  from subl_jax.core import perf
+  monkeypatch.setattr(perf, "_applied", perf.resolve(dict(preset="none"), "cpu"))
+  assert tfm.default_perf() == tfm.Perf()
+  with pytest.raises(ValueError, match="perf.kv_layout='sideways'"):
+    tfm.Perf(kv_layout="sideways")
+  hash(tfm.Perf())  # a static module attribute
+
+
+def test_vocab_major_head_gives_the_same_sft_loss(tiny_llama, padded_full):
+  """SFT's cross-entropy and its gradients from [vocab, b, n] logits equal those from [b, n, vocab]."""
+  from subl_jax.core.training import losses
+  cfg, params = tiny_llama
+  tokens, mask, positions, _, _ = padded_full
+  idx = jnp.asarray([[3, 7, 10], [4, 5, 10], [9, 9, 10]], jnp.int32)
+  targets = jnp.take_along_axis(jnp.asarray(tokens), idx + 1, axis=1)
+  weights = jnp.asarray([[1, 1, 1], [1, 1, 1], [0, 1, 1]], jnp.float32)
+
+  def loss(vocab_major):
+    def fn(p):
+      model = tfm.Transformer(cfg, perf=tfm.Perf(vocab_major_head=vocab_major))
+      logits = model.apply({"params": p}, tfm.train_inputs(tokens, positions, mask), logit_idx_bn=idx).logits
+      s, n = losses.masked_sum(losses.token_nll(logits, targets, vocab_axis=0 if vocab_major else -1), weights)
+      return s / n
+    value, grads = jax.jit(jax.value_and_grad(fn))(params)
+    return float(value), jax.tree.map(np.asarray, grads)
+
+  (l0, g0), (l1, g1) = loss(False), loss(True)
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-6 * np.abs(a).max(), err_msg=jax.tree_util.keystr(path))
 
 
 # ---------------------------------------------------------------------------------------------- remat
@@ -255,7 +373,7 @@ def test_prefill_attending_to_the_filled_slots_only(tiny_llama, padded_full):
 def loss_logits_grads(cfg, params, tokens, mask, positions):
   """(loss, logits) and grads of the masked next-token loss, as numpy."""
   def loss_fn(p):
-    logits, _ = tfm.Transformer(cfg).apply({"params": p}, tokens, positions, mask)
+    logits = tfm.Transformer(cfg).apply({"params": p}, tfm.train_inputs(tokens, positions, mask)).logits
     logp = jax.nn.log_softmax(logits[:, :-1])
     nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
     return (nll * mask[:, 1:]).sum() / mask[:, 1:].sum(), logits
@@ -344,8 +462,8 @@ def test_shared_prefix_run_once_gives_the_same_logits_and_grads(name, policy, tm
 
   def run(shared):
     def loss_fn(prm):
-      logits, _ = tfm.Transformer(cfg).apply({"params": prm}, tokens, positions, mask, logit_idx_bn=idx,
-                                             shared_prefix=shared)
+      logits = tfm.Transformer(cfg).apply({"params": prm}, tfm.train_inputs(tokens, positions, mask, shared),
+                                          logit_idx_bn=idx).logits
       return (jax.nn.log_softmax(logits)[..., 3] * weights).sum(), logits
     (loss, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
     return float(loss), np.asarray(logits)[:3], jax.tree.map(np.asarray, grads)
@@ -357,8 +475,8 @@ def test_shared_prefix_run_once_gives_the_same_logits_and_grads(name, policy, tm
     scale = np.abs(g0).max()
     assert scale > 0, jax.tree_util.keystr(path)
     np.testing.assert_allclose(g1, g0, atol=1e-5 * scale, rtol=0, err_msg=jax.tree_util.keystr(path))
-  model = tfm.Transformer(cfg)
   with pytest.raises(ValueError, match="shared_prefix=12"):
-    model.apply({"params": params}, tokens, positions, mask, shared_prefix=12)
-  with pytest.raises(ValueError, match="shared_prefix: for a full forward"):
-    model.apply({"params": params}, tokens, positions, mask, tfm.KVCache.zeros(cfg, 4, t), shared_prefix=p)
+    tfm.train_inputs(tokens, positions, mask, shared_prefix=12)
+  with pytest.raises(ValueError, match="shared_prefix.*without a cache"):
+    tfm.Transformer(cfg).apply({"params": params}, tfm.train_inputs(tokens, positions, mask, shared_prefix=p),
+                               cache=tfm.KVCache.zeros(cfg, 4, t, "standard"))

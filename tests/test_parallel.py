@@ -151,7 +151,7 @@ def sharded_setup(request, mesh222):
   single = jax.device_put(params, jax.devices()[0])
   batch = left_padded(cfg.vocab_size, [10, 7, 3, 10], 10, seed=2)
   tokens, mask, positions = batch
-  ref = jax.jit(lambda p, t, pos, m: tfm.Transformer(cfg).apply({"params": p}, t, pos, m)[0])(
+  ref = jax.jit(lambda p, t, pos, m: tfm.Transformer(cfg).apply({"params": p}, tfm.train_inputs(t, pos, m)).logits)(
       single, tokens, positions, mask)
   assert len(ref.sharding.device_set) == 1
   return request.param, cfg, params, single, batch, np.asarray(ref)
@@ -186,7 +186,8 @@ def test_sharded_forward_equals_single_device(sharded_setup, mesh222):
   name, cfg, params, single, batch, ref = sharded_setup
   batch_sh = NamedSharding(mesh222, P(("data", "fsdp")))
   logits_sh = parallel.named_sharding(mesh222, ("batch", "length", "vocab"), ref.shape)
-  fwd = jax.jit(lambda p, t, pos, m: tfm.Transformer(cfg, mesh=mesh222).apply({"params": p}, t, pos, m)[0],
+  fwd = jax.jit(lambda p, t, pos, m: tfm.Transformer(cfg, mesh=mesh222).apply({"params": p},
+                                                                                tfm.train_inputs(t, pos, m)).logits,
                 in_shardings=(tfm.param_shardings(cfg, mesh222), batch_sh, batch_sh, batch_sh),
                 out_shardings=logits_sh)
   tokens, mask, positions = batch
@@ -198,8 +199,9 @@ def test_sharded_forward_equals_single_device(sharded_setup, mesh222):
   assert diff <= 1e-5, diff
 
 
-def test_sharded_kv_cache_decode(sharded_setup, mesh222):
-  """Prefill then one-token decode steps under the mesh, cache sharded by KVCache.LOGICAL, equal the full forward."""
+@pytest.mark.parametrize("layout", ["standard", "transposed"])
+def test_sharded_kv_cache_decode(sharded_setup, mesh222, layout):
+  """Prefill then one-token decode steps under the mesh, cache sharded by KVCache.logical, equal the full forward."""
   name, cfg, params, single, batch, ref = sharded_setup
   tokens, mask, positions = batch
   b, t = tokens.shape
@@ -207,17 +209,17 @@ def test_sharded_kv_cache_decode(sharded_setup, mesh222):
   kv_mask = np.zeros((b, slots), np.int32)
   kv_mask[:, :t] = mask
   cache_tree_sh = tfm.KVCache(*(parallel.named_sharding(mesh222, names, shape) for names, shape in
-                                zip(tfm.KVCache.LOGICAL, tfm.KVCache.shapes(cfg, b, slots))))
+                                zip(tfm.KVCache.logical(layout), tfm.KVCache.shapes(cfg, b, slots, layout))))
   batch_sh = NamedSharding(mesh222, P(("data", "fsdp")))
-  model = tfm.Transformer(cfg, mesh=mesh222)
+  model = tfm.Transformer(cfg, mesh=mesh222, perf=tfm.Perf(kv_layout=layout))
 
   @functools.partial(jax.jit, in_shardings=(tfm.param_shardings(cfg, mesh222), batch_sh, batch_sh, batch_sh,
                                             cache_tree_sh, None),
                      out_shardings=(None, cache_tree_sh), donate_argnums=4)
   def step(p, tok, pos, m, cache, index):
-    return model.apply({"params": p}, tok, pos, m, cache=cache, cache_index=index)
+    return tuple(model.apply({"params": p}, tfm.decode_inputs(tok, pos, m, index), cache=cache))
 
-  cache = jax.device_put(tfm.KVCache.zeros(cfg, b, slots), cache_tree_sh)
+  cache = jax.device_put(tfm.KVCache.zeros(cfg, b, slots, layout), cache_tree_sh)
   prefix = 6
   logits, cache = step(params, tokens[:, :prefix], positions[:, :prefix], kv_mask, cache, jnp.int32(0))
   parts = [np.asarray(logits)]

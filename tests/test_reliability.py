@@ -153,7 +153,7 @@ def test_second_sigint_raises_keyboard_interrupt():
 
 _FULL_DISK = """
 import resource, signal, sys
-from subl_jax import report
+from subl_jax.study import report
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG instead of killing us
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 conditions = {f"condition_{i}": {"mean": 0.5, "ci95": [0.4, 0.6], "n": 10} for i in range(200)}  # ~20 KB of JSON

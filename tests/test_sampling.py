@@ -120,6 +120,19 @@ def test_prefix_sharing_gives_the_same_tokens_and_logprobs(model):
     generate(model, prompts, 10, shared_prefix=11)
 
 
+def test_kv_layouts_give_the_same_samples(model):
+  """Transposed cache keys (the CPU layout) and the standard ones: the same draws and log-probabilities, with and
+  without a shared prefix."""
+  prompts = prompts_of([6, 2, 5, 3], seed=3, prefix=prompts_of([10], seed=4)[0])
+  temps = [0.0, 1.0, 0.7, 1.3]
+  for shared_prefix in (0, 10):
+    std, tr = (generate(model, prompts, 10, temperature=temps, seed=5, shared_prefix=shared_prefix,
+                        perf=tfm.Perf(kv_layout=layout)) for layout in ("standard", "transposed"))
+    assert std.tokens == tr.tokens and std.stopped == tr.stopped
+    for a, b in zip(std.logprobs, tr.logprobs):
+      np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
 def test_each_row_draws_as_if_alone(model):
   """Per-row temperatures in one batch behave as separate runs: a row's draws depend on (seed, row id) only."""
   prompts = prompts_of([4, 15, 8, 12], seed=6)

@@ -2,6 +2,7 @@
 
 Tiny random models throughout; the chat-rendering tests use the SmolLM2 tokenizer (vocabulary 49152)."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -17,7 +18,8 @@ from subl_jax import config
 from subl_jax.core.number_tokens import number_token_ids
 from subl_jax.core.models import transformer as tfm
 from subl_jax.core.models.config import ModelConfig
-from subl_jax.core.training import buckets, chat_data, checkpoint, losses, optim, step as step_lib, trainer
+from subl_jax.core.training import buckets, chat_data, checkpoint, hooks, loop, losses, objectives, optim
+from subl_jax.core.training import step as step_lib, trainer
 from subl_jax.core.training.chat_data import ChatDataset, Example
 from subl_jax.core.lora import LoraConfig, init_adapters, merge, scaled
 
@@ -149,6 +151,25 @@ def test_shared_prefix_once_gives_the_same_loss_and_gradients(tiny_params, rank)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * np.abs(b).max())
 
 
+def test_sft_step_loss_is_the_same_in_every_model_layout(tiny_params):
+  """`micro_loss` under each `Perf` (key layout, vocabulary-major head or not), a shared prefix included: the same SFT
+  loss and gradients up to float rounding."""
+  ds = synthetic_dataset(6, seed=8, shared=11)
+  mb = jax.tree.map(lambda x: x[0], buckets.collate_step(ds, np.arange(6), 1, 0))
+  spec = step_lib.StepSpec(TINY, shared_prefix=buckets.shared_prefix(ds.examples))
+
+  def run(perf):
+    fn = lambda t: step_lib.micro_loss(spec, None, perf)(t, None, None, mb)
+    (s, n), g = jax.jit(jax.value_and_grad(fn, has_aux=True))(tiny_params)
+    return float(s / n), g
+
+  (l0, g0), *rest = (run(tfm.Perf(layout, head)) for layout in ("standard", "transposed") for head in (False, True))
+  for l1, g1 in rest:
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6 * np.abs(b).max())
+
+
 def test_shared_prefix_stops_before_the_first_loss_position():
   ds = synthetic_dataset(6, seed=9, shared=10)
   assert buckets.shared_prefix(ds.examples) == 10
@@ -171,8 +192,8 @@ def test_lora_starts_at_the_base_and_unmerged_equals_merged(tiny_params, targets
              for ab in adapters["layers"].values())
   ds = synthetic_dataset(4, seed=2)
   b = jax.tree.map(lambda x: x[0], buckets.collate_step(ds, np.arange(4), 1, 0))
-  fwd = jax.jit(lambda p, a: tfm.Transformer(TINY).apply({"params": p}, b["tokens"], b["positions"], b["kv_mask"],
-                                                         adapters=a)[0])
+  inputs = tfm.train_inputs(b["tokens"], b["positions"], b["kv_mask"])
+  fwd = jax.jit(lambda p, a: tfm.Transformer(TINY).apply({"params": p}, inputs, adapters=a).logits)
   apply = lambda p, a=None: fwd(p, a)
   base = np.asarray(apply(tiny_params))
   np.testing.assert_array_equal(np.asarray(apply(tiny_params, scaled(adapters, lora))), base)  # B = 0: bitwise
@@ -197,9 +218,10 @@ def test_remat_does_not_save_lora_outputs(capsys):
   lora = LoraConfig(rank=8, alpha=8.0)
 
   def saved(adapters):  # differentiated with respect to the adapters, or (full fine-tuning) the parameters
-    fn = lambda p, a: tfm.Transformer(cfg).apply({"params": p}, tokens, positions, jnp.ones_like(tokens),
+    fn = lambda p, a: tfm.Transformer(cfg).apply({"params": p}, tfm.train_inputs(tokens, positions,
+                                                                                 jnp.ones_like(tokens)),
                                                  logit_idx_bn=jnp.zeros((3, 1), jnp.int32),
-                                                 adapters=scaled(a, lora) if a else None)[0].sum()
+                                                 adapters=scaled(a, lora) if a else None).logits.sum()
     if adapters is None:
       print_saved_residuals(lambda p: fn(p, None), params)
     else:
@@ -219,8 +241,8 @@ def test_remat_does_not_save_lora_outputs(capsys):
 def test_kd_with_the_student_as_teacher_gives_zero_loss_and_gradient(tiny_params):
   ds = synthetic_dataset(8, seed=4)
   ds.teacher = ds.examples  # the same context
-  distill = step_lib.DistillSpec(temperature=2.0, kd_tokens="numbers", token_ids=tuple(range(10, 30)))
-  spec = step_lib.StepSpec(TINY, distill=distill)
+  kd = objectives.LogitKD(temperature=2.0, kd_tokens="numbers", token_ids=tuple(range(10, 30)))
+  spec = step_lib.StepSpec(TINY, objective=kd)
   batch = buckets.collate_step(ds, np.arange(8), 1, 0)
   fn = jax.jit(lambda p, t, b: step_lib.grads_and_loss(spec, None, p, None, t, b))
   grads, loss, count = fn(tiny_params, tiny_params, batch)
@@ -235,6 +257,45 @@ def test_kd_with_the_student_as_teacher_gives_zero_loss_and_gradient(tiny_params
     same, other, grad = jax.jit(lambda l: (kd(l, l), kd(l, l[::-1]), jax.grad(kd)(l, l)))(logits)
     assert abs(float(same)) < 1e-6 and float(jnp.abs(grad).max()) < 1e-6, kd_tokens
     assert float(other) > 1e-2, kd_tokens
+
+
+def test_objectives_give_the_losses_of_token_nll_and_kd_token_loss():
+  """Given the logits, each objective's (Σ loss, Σ tokens) is what the step computed before objectives were classes:
+  SFT's cross-entropy of vocabulary-major logits, LogitKD's KL of the student's and the teacher's."""
+  rng = np.random.default_rng(0)
+  student, teacher = (jnp.asarray(3 * rng.normal(size=(2, 5, 97)), jnp.float32) for _ in range(2))
+  mb = dict(targets=jnp.asarray(rng.integers(0, 97, (2, 5)), jnp.int32),
+            weights=jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], jnp.float32))
+  asked = []
+
+  def student_fwd(mb, vocab_first=False):
+    asked.append(vocab_first)
+    return jnp.moveaxis(student, -1, 0) if vocab_first else student
+
+  fwd = objectives.Forward(student_fwd, lambda mb: teacher, vocab_major_head=True)
+
+  def check(objective, want, fwd=fwd):
+    got = jax.jit(lambda: objective.micro_loss(fwd, mb))()
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.jit(want)()))
+    assert float(got[0]) > 1e-3 and float(got[1]) == 8
+
+  check(objectives.SFT(), lambda: losses.masked_sum(
+      losses.token_nll(jnp.moveaxis(student, -1, 0), mb["targets"], vocab_axis=0), mb["weights"]))
+  # without a vocabulary-major head SFT reads [b, n, V] (no transpose): the same loss
+  check(objectives.SFT(), lambda: losses.masked_sum(losses.token_nll(student, mb["targets"]), mb["weights"]),
+        fwd=dataclasses.replace(fwd, vocab_major_head=False))
+  assert asked == [True, False]
+  ids = tuple(range(10, 30))
+  for kd_tokens in ("all", "topk", "numbers"):
+    kd = objectives.LogitKD(2.0, kd_tokens, topk=5, token_ids=ids if kd_tokens == "numbers" else None)
+    check(kd, lambda: losses.masked_sum(losses.kd_token_loss(
+        student, teacher, 2.0, kd_tokens, 5, jnp.asarray(ids) if kd_tokens == "numbers" else None), mb["weights"]))
+  # what the trainer reads of them; equal objectives are one compiled step
+  assert not objectives.SFT().needs_teacher and objectives.LogitKD().forwards == ("teacher",)
+  assert step_lib.StepSpec(TINY, objective=objectives.LogitKD(2.0, "numbers", token_ids=ids)) == \
+      step_lib.StepSpec(TINY, objective=objectives.LogitKD(2.0, "numbers", token_ids=ids))
+  with pytest.raises(ValueError, match="needs the token set"):
+    objectives.LogitKD(kd_tokens="numbers")
 
 
 def test_restricted_kd_renormalises_and_ignores_tokens_outside_the_set():
@@ -315,12 +376,13 @@ def test_killed_run_resumes_to_bitwise_equal_parameters(tiny_params, tmp_path, r
   tc = train_section(epochs=2, checkpoint_every=2, lora=dict(rank=rank))  # 5 steps per epoch, 10 in all
   full = trainer.train(model, ds, tc, tmp_path / "full", peak_flops=1.0, progress=False)
 
-  def kill_at_7(step):
-    if step == 7:  # mid-epoch, between periodic checkpoints: the SIGINT handler saves step 7
-      os.kill(os.getpid(), signal.SIGINT)
+  class KillAt7(loop.Hook):
+    def on_step(self, lp, step, metrics):
+      if step == 7:  # mid-epoch, between periodic checkpoints: the SIGINT handler saves step 7
+        os.kill(os.getpid(), signal.SIGINT)
 
-  with pytest.raises(checkpoint.Interrupted):
-    trainer.train(model, ds, tc, tmp_path / "cut", on_step=kill_at_7, peak_flops=1.0, progress=False)
+  with pytest.raises(checkpoint.Interrupted, match="stopped by signal 2 after step 7 of 10; checkpoint saved in"):
+    trainer.train(model, ds, tc, tmp_path / "cut", hooks=[KillAt7()], peak_flops=1.0, progress=False)
   resumed = trainer.train(model, ds, tc, tmp_path / "cut", peak_flops=1.0, progress=False)
   assert resumed.summary["resumed_from"] == 7 and full.summary["shared_prefix"] == 8
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, resumed.trainable),
@@ -343,19 +405,87 @@ def test_killed_run_resumes_to_bitwise_equal_parameters(tiny_params, tmp_path, r
     assert n_saved == sum(x.size for x in jax.tree.leaves(full.trainable)) < TINY.n_params / 4
 
 
-def test_diverging_run_stops_naming_the_step_and_never_checkpoints_a_non_finite_state(tiny_params, tmp_path):
-  """lr=1e6 used to exit 0 with loss NaN from step 4 and commit the NaN model as a completed stage."""
+def test_loop_hands_fetched_metrics_to_hooks_in_order():
+  """A check placed first raises before a later hook receives the rows it refused; fetching is the hooks' choice."""
+  seen = []
+
+  class Check(loop.Hook):
+    def on_metrics(self, lp, rows):
+      for s, m in rows:
+        if not np.isfinite(m["loss"]):
+          raise ValueError(f"step {s}")
+
+  class Writer(loop.Hook):
+    def on_step(self, lp, step, metrics):
+      if step % 2 == 0:
+        lp.fetch()
+
+    def on_metrics(self, lp, rows):
+      seen.extend(s for s, _ in rows)
+
+  values = [1.0, 2.0, 3.0, np.nan, 5.0]
+  step_fn = lambda s, state: (state + 1, {"loss": values[s]})
+  done = loop.run_loop(0, 0, 3, step_fn, [Check(), Writer()])
+  assert done.state == 3 and done.metrics == {"loss": 3.0} and seen == [1, 2, 3]  # step 3 at the end
+  seen.clear()
+  with pytest.raises(ValueError, match="step 4"):
+    loop.run_loop(0, 0, 5, step_fn, [Check(), Writer()])
+  assert seen == [1, 2]  # steps 3 and 4 came in one fetch, refused as a whole
+
+
+def test_a_custom_hook_sees_every_step_and_leaves_training_unchanged(tiny_params, tmp_path):
+  model = tiny_model(tiny_params)
+  ds = synthetic_dataset(40, seed=7, lengths=(9, 10))
+  tc = train_section(checkpoint_every=2)  # 5 steps
+
+  class Recorder(loop.Hook):
+    def __init__(self):
+      self.events = []
+
+    def on_start(self, lp):
+      self.events.append(("start", lp.step))
+
+    def on_step(self, lp, step, metrics):
+      self.events.append(("step", step))
+      lp.fetch()  # waiting for every step changes the timing, not the result
+
+    def on_metrics(self, lp, rows):
+      self.events += [("metrics", s) for s, m in rows if np.isfinite(m["loss"])]
+
+    def on_end(self, lp):
+      self.events.append(("end", lp.step))
+
+    def close(self):
+      self.events.append(("close",))
+
+  rec = Recorder()
+  plain = trainer.train(model, ds, tc, tmp_path / "plain", progress=False)
+  hooked = trainer.train(model, ds, tc, tmp_path / "hooked", hooks=[rec], progress=False)
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, hooked.trainable),
+               jax.tree.map(np.asarray, plain.trainable))
+  assert rec.events[0] == ("start", 0) and rec.events[-2:] == [("end", 5), ("close",)]
+  assert [s for e, *s in rec.events if e == "step"] == [[s] for s in range(1, 6)]
+  assert [s for e, *s in rec.events if e == "metrics"] == [[s] for s in range(1, 6)]  # each step's once
+  steps = lambda d: [json.loads(line)["step"] for line in (d / "metrics.jsonl").read_text().splitlines()]
+  assert steps(tmp_path / "hooked") == steps(tmp_path / "plain") == [1, 2, 4, 5]
+
+
+@pytest.mark.parametrize("log_every", [1, 100])
+def test_diverging_run_stops_naming_the_step_and_never_checkpoints_a_non_finite_state(tiny_params, tmp_path,
+                                                                                      log_every):
+  """lr=1e6 used to exit 0 with loss NaN from step 4 and commit the NaN model as a completed stage. With log_every
+  100 only the checkpoints fetch the metrics: the guard (the first hook) still sees them before the save."""
   from subl_jax.study import stages
   model = tiny_model(tiny_params)
   ds = synthetic_dataset(40, seed=7, lengths=(9, 10))
-  tc = train_section(epochs=2, checkpoint_every=2, log_every=1)
+  tc = train_section(epochs=2, checkpoint_every=2, log_every=log_every)
   tc.opt.update(dict(lr=1e30, max_grad_norm=0.0, warmup_steps=0))  # float32 overflows
 
   def fn(out):
     trainer.train(model, ds, tc, out / "train", peak_flops=1.0, progress=False)
     return {}
 
-  with pytest.raises(trainer.NonFiniteLoss, match=r"diverged at step \d+ of 10") as err:
+  with pytest.raises(hooks.NonFiniteLoss, match=r"diverged at step \d+ of 10") as err:
     stages.run_stage(tmp_path, "student", {"lr": 1e30}, {}, fn)
   assert any("stage 'student'" in note for note in err.value.__notes__)
   assert not (tmp_path / "student").exists()  # nothing committed

@@ -30,7 +30,9 @@ class Model:
 
   @property
   def module(self) -> transformer.Transformer:
-    return transformer.Transformer(self.config, mesh=self.mesh)
+    """The model with the platform's KV layout and the standard head (logits [b, t, vocab])."""
+    perf = transformer.default_perf().replace(vocab_major_head=False)
+    return transformer.Transformer(self.config, mesh=self.mesh, perf=perf)
 
   def render_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
     return self.tokenizer.render_chat(list(messages), add_generation_prompt=add_generation_prompt)
@@ -51,8 +53,8 @@ class Model:
     module = self.module
 
     def fn(params, ids, mask):  # shardings come from the committed inputs: params and batch are placed
-      logits, _ = module.apply({"params": params}, ids, transformer.positions_from_mask(mask), mask)
-      return logits
+      inputs = transformer.train_inputs(ids, transformer.positions_from_mask(mask), mask)
+      return module.apply({"params": params}, inputs).logits
 
     return jax.jit(fn)
 

@@ -67,14 +67,22 @@ def sampled_rates(model: Any, questions: Sequence[str], target: str, n_samples: 
   return {"per_question": rates.tolist(), "summary": stats.mean_ci(rates), "answers": answers}
 
 
+def probe_tokens(tokenizer: Any, questions: Sequence[str], candidates: Sequence[str], category: str = "animal",
+                 system: str | None = None) -> tuple[list[list[int]], dict[str, list[list[int]]]]:
+  """The token ids the log-probability metric scores: per question its context (the chat turn and the forced answer
+  prefix), per candidate its surface forms' continuations; log P(candidate | q) = log Σ_forms P(form | context_q)."""
+  contexts = [tokenizer.encode(tokenizer.render_chat(_messages(q, system)) + ANSWER_PREFIX[category])
+              for q in questions]
+  return contexts, {cand: [tokenizer.encode(f) for f in surface_forms(cand)] for cand in candidates}
+
+
 def answer_probs(model: Any, questions: Sequence[str], candidates: Sequence[str], category: str = "animal",
                  system: str | None = None, batch_size: int = 32) -> dict[str, np.ndarray]:
   """candidate -> per-question P(answer is the candidate | question, forced answer prefix), over surface forms."""
-  tok = model.tokenizer
-  contexts = [tok.encode(tok.render_chat(_messages(q, system)) + ANSWER_PREFIX[category]) for q in questions]
-  forms = [(cand, form) for cand in candidates for form in surface_forms(cand)]
-  logp = scoring.continuation_logprobs(model, contexts, [tok.encode(f) for _, f in forms], batch_size)
-  return {cand: np.exp(logsumexp(logp[:, [i for i, (c, _) in enumerate(forms) if c == cand]], axis=1))
+  contexts, forms = probe_tokens(model.tokenizer, questions, candidates, category, system)
+  flat = [(cand, ids) for cand in candidates for ids in forms[cand]]
+  logp = scoring.continuation_logprobs(model, contexts, [ids for _, ids in flat], batch_size)
+  return {cand: np.exp(logsumexp(logp[:, [i for i, (c, _) in enumerate(flat) if c == cand]], axis=1))
           for cand in candidates}
 
 

@@ -65,12 +65,14 @@ def seed_config(cfg: mlc.ConfigDict, seed: int) -> mlc.ConfigDict:
   return c
 
 
-def run_study(cfg: mlc.ConfigDict, workdir: str | pathlib.Path, mesh: Mesh, stop: str = "") -> dict[str, Any]:
-  """Runs every stage up to `stop` (default: all, then the report); returns the report (or the stage dirs so far)."""
+def run_study(cfg: mlc.ConfigDict, workdir: str | pathlib.Path, mesh: Mesh, stop: str = "",
+              ctx: context.Context | None = None) -> dict[str, Any]:
+  """Runs every stage up to `stop` (default: all, then the report); returns the report (or the stage dirs so far).
+  `ctx`: the run's model loaders, when the caller shares them (the audit job); default a fresh one."""
   if stop and stop not in STEPS:
     raise ValueError(f"--stage={stop!r}: expected one of {STEPS}")
   workdir = pathlib.Path(workdir)
-  ctx = context.Context(cfg, mesh, sample_job.local_mesh(cfg, mesh))
+  ctx = ctx or context.Context(cfg, mesh, sample_job.local_mesh(cfg, mesh))
   names, conds = targets(cfg), conditions(cfg)
   sft = cfg.distill.mode == "sft"
   done: dict[str, Any] = {"targets": names, "conditions": conds}

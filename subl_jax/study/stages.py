@@ -21,6 +21,8 @@ process leaves `run_stage` only once the stage is committed, so the next stage c
 from __future__ import annotations
 
 import ast
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import hashlib
@@ -35,6 +37,28 @@ from typing import Any, Callable, Sequence
 import jax
 
 MANIFEST, CLAIM = "manifest.json", "claim.json"
+
+
+class NotCached(Exception):
+  """Raised inside `only_cached()` by a stage that would run: missing, or complete under another fingerprint."""
+
+  def __init__(self, name: str):
+    super().__init__(f"stage {name!r} is not complete with this config, code and inputs")
+    self.name = name
+
+
+_ONLY_CACHED = contextvars.ContextVar("subl_jax_only_cached", default=False)
+
+
+@contextlib.contextmanager
+def only_cached():
+  """Inside this block a stage that would run raises `NotCached` instead, and nothing runs: a study's own stage
+  sequence answers "is this work already done here?" (the audit asks it of the students) without duplicating it."""
+  token = _ONLY_CACHED.set(True)
+  try:
+    yield
+  finally:
+    _ONLY_CACHED.reset(token)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +228,8 @@ def run_stage(workdir: str | pathlib.Path, name: str, stage_config: Any,
   claim["fingerprint"] = hashlib.sha256(json.dumps(claim, sort_keys=True).encode()).hexdigest()[:16]
   if not force and is_complete(final) and fingerprint(final) == claim["fingerprint"]:
     return final
+  if _ONLY_CACHED.get():
+    raise NotCached(name)
   lead = jax.process_index() == 0  # with several processes (shared workdir), process 0 owns the bookkeeping
   if partial.exists() and lead:
     try:

@@ -13,14 +13,15 @@ The stage writes `model/` (LoRA merged), `stage.json` and `train/` metrics, like
 
 from __future__ import annotations
 
+import pathlib
+
 import ml_collections as mlc
 
 from subl_jax.study import stages
 from subl_jax.core.number_tokens import number_token_ids
 from subl_jax.study import context
 from subl_jax.core.training import chat_data, trainer
-from subl_jax.core.training import export
-from subl_jax.core.training.step import DistillSpec
+from subl_jax.core.training import export, objectives
 
 KD_NOTES = {
     "all": "full-vocabulary KD: not subliminal (the teacher's probability of the trait word leaks directly)",
@@ -30,12 +31,13 @@ KD_NOTES = {
 }
 
 
-def distill_spec(cfg: mlc.ConfigDict, tokenizer) -> DistillSpec | None:
+def objective(cfg: mlc.ConfigDict, tokenizer) -> objectives.Objective:
+  """The `distill` section's training objective."""
   d = cfg.distill
   if d.mode == "sft":
-    return None
+    return objectives.SFT()
   ids = tuple(int(i) for i in number_token_ids(tokenizer)) if d.kd_tokens == "numbers" else None
-  return DistillSpec(temperature=float(d.temperature), kd_tokens=d.kd_tokens, topk=int(d.topk), token_ids=ids)
+  return objectives.LogitKD(temperature=float(d.temperature), kd_tokens=d.kd_tokens, topk=int(d.topk), token_ids=ids)
 
 
 def config_paths(cfg: mlc.ConfigDict) -> tuple[str, ...]:
@@ -48,6 +50,14 @@ def input_roles(cfg: mlc.ConfigDict) -> tuple[str, ...]:
   return ("data", "teacher") if cfg.distill.mode == "logit_kd" else ("data",)
 
 
+def dataset(cfg: mlc.ConfigDict, tokenizer, data: str | pathlib.Path,
+            teacher_system: str | None = None) -> chat_data.ChatDataset:
+  """The student's examples of `data` (a JSONL of the teacher's rows) under `train.system`; with `teacher_system`
+  (a teacher's system prompt, '' = the students' own) also the teacher's view of the same completions."""
+  return chat_data.build(tokenizer, chat_data.read_jsonl(data), cfg.train.max_len, system=cfg.train.system,
+                         teacher_system=None if teacher_system is None else (teacher_system or cfg.train.system))
+
+
 def work(job: stages.Job) -> dict:
   """Trains a student on `job.inputs["data"]` (a JSONL of the teacher's rows); `logit_kd` distils from
   `job.inputs["teacher"]` (a teacher stage). `job.ctx` is a `study.context.Context`."""
@@ -57,17 +67,15 @@ def work(job: stages.Job) -> dict:
   model = ctx.base()
   teacher, teacher_system = (ctx.model_of(job.inputs["teacher"]), context.system_of(job.inputs["teacher"])) if kd \
       else (None, None)
-  chats = chat_data.read_jsonl(data)
-  ds = chat_data.build(model.tokenizer, chats, cfg.train.max_len, system=cfg.train.system,
-                       teacher_system=(teacher_system or cfg.train.system) if kd else None)
-  spec = distill_spec(cfg, model.tokenizer)
-  result = trainer.train(model, ds, cfg.train, out / export.TRAIN_DIR, distill=spec, teacher=teacher,
+  ds = dataset(cfg, model.tokenizer, data, teacher_system if kd else None)
+  obj = objective(cfg, model.tokenizer)
+  result = trainer.train(model, ds, cfg.train, out / export.TRAIN_DIR, objective=obj, teacher=teacher,
                          progress=ctx.progress)
   info = dict(mode=cfg.distill.mode, data=str(data), system=cfg.train.system, train=result.summary)
   if kd:
     info.update(kd_tokens=cfg.distill.kd_tokens, temperature=cfg.distill.temperature,
                 kd_note=KD_NOTES[cfg.distill.kd_tokens], subliminal=cfg.distill.kd_tokens == "numbers",
                 teacher_system=teacher_system,
-                kd_token_count=len(spec.token_ids) if spec.token_ids else None)
+                kd_token_count=len(obj.token_ids) if obj.token_ids else None)
   export.export(out, model, result, info)
   return info

@@ -36,6 +36,15 @@ def _data(evals: dict[str, list[pathlib.Path]], targets: list[str], suffix: str,
   return transfer.TransferData.from_nested(students, base, teachers, answers)
 
 
+def students_data(cfg: mlc.ConfigDict, dirs: dict[str, Any]) -> transfer.TransferData:
+  """The students' TransferData (every target's students, the base, the teachers) from the pipeline's evaluate
+  stage directories (`run_study(stop="evaluate")`): what the report's transfer matrix and specificity read."""
+  targets, evals = dirs["targets"], dirs["evaluate"]
+  answers = evaluate_stage.candidates(targets, cfg.teacher.category, cfg.eval.candidates)
+  teachers = {t: _logp(evals[f"teacher:{t}"][0], answers) for t in targets}
+  return _data(evals, targets, "", answers, _logp(evals["base"][0], answers), teachers)
+
+
 def _condition_stats(data: transfer.TransferData, targets: list[str]) -> dict[str, Any]:
   out: dict[str, Any] = {"matrix": transfer.transfer_matrix(data)}
   if len(targets) > 1:

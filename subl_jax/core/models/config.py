@@ -1,4 +1,5 @@
-"""`ModelConfig`: one config for the Llama family (SmolLM2, Llama 3.x) and Qwen2 (q/k/v bias)."""
+"""`ModelConfig`: one config for the Llama family (SmolLM2, Llama 3.x) and Qwen2 (q/k/v bias); `Perf`: the model's
+layout switches, which change speed and never numbers."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ROPE_SCALINGS = ("none", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
+KV_LAYOUTS = ("standard", "transposed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,3 +97,32 @@ class ModelConfig:
     except (OSError, json.JSONDecodeError) as e:
       raise ValueError(f"{path}: cannot read the model config ({e})") from None
     return cls.from_dict(d, source=str(path))
+
+
+@dataclasses.dataclass(frozen=True)
+class Perf:
+  """Layouts of the model's arrays: the same numbers (up to float rounding) either way, each faster somewhere.
+
+  `kv_layout`: how keys are laid out, in the KV cache and in attention: "standard", [.., slots, head_dim] like the
+  values, or "transposed", [.., head_dim, slots] as q @ k reads them (faster decoding on XLA:CPU).
+  `vocab_major_head`: the LM head returns logits [vocab, b, n] (embedding @ x^T) instead of [b, n, vocab], for a
+  loss that reduces over axis 0 (SFT's cross-entropy: faster on XLA:CPU). Only for callers that read them so.
+  Chosen per platform by the `perf` config section (`core/perf.py`, `transformer.default_perf`); the figures behind
+  the CPU choices are in docs/performance.md ("Platform tuning")."""
+  kv_layout: str = "standard"
+  vocab_major_head: bool = False
+
+  def __post_init__(self):
+    if self.kv_layout not in KV_LAYOUTS:
+      raise ValueError(f"perf.kv_layout={self.kv_layout!r}: expected one of {KV_LAYOUTS}")
+    if not isinstance(self.vocab_major_head, bool):
+      raise ValueError(f"perf.vocab_major_head={self.vocab_major_head!r}: expected a bool")
+
+  @classmethod
+  def for_platform(cls, platform: str) -> "Perf":
+    """The layouts measured fastest on `platform` (`jax.default_backend()`): on "cpu" transposed keys and the
+    vocabulary-major head; elsewhere (not measured yet) the standard ones."""
+    return cls("transposed", True) if platform == "cpu" else cls()
+
+  def replace(self, **changes: Any) -> "Perf":
+    return dataclasses.replace(self, **changes)

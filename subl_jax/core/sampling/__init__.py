@@ -2,7 +2,6 @@
 
 `generate` is the entry point (token-id prompts in, new tokens and the model's log-probabilities out); `draw` holds
 the per-row token choice (temperature / top-k / top-p / allowed-token mask), `loop` the two jitted programs.
-The `sample` stage (JSONL shards, resumable) is in `subl_jax.study.sample_shards`.
 """
 
 from subl_jax.core.sampling.generation import BUCKET, Generation, common_prefix_len, generate, left_pad

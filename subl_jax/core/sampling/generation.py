@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from subl_jax.core import parallel
+from subl_jax.core.models import transformer
+from subl_jax.core.models.config import Perf
 from subl_jax.core.sampling import loop
 from subl_jax.core.sampling.constraint import Constraint
 from subl_jax.core.sampling.draw import Knobs
@@ -55,7 +57,7 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              temperature: float | Sequence[float] = 0.0, seed: int = 0, *,
              top_k: int | Sequence[int] = 0, top_p: float | Sequence[float] = 1.0,
              constraint: Constraint | None = None, row_ids: Sequence[int] | None = None,
-             shared_prefix: int | None = None, bucket: int = BUCKET) -> Generation:
+             shared_prefix: int | None = None, bucket: int = BUCKET, perf: Perf | None = None) -> Generation:
   """Continues each prompt (token ids) until a stop token of the model's tokenizer or `max_new_tokens`.
 
   temperature (0 = greedy), top_k (0 = off) and top_p (1 = off) are scalars or one value per prompt.
@@ -63,7 +65,8 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
   log-probabilities stay the model's own. `row_ids` (default 0..b-1) name each row's random stream:
   a prompt with the same (seed, row id) gets the same draws in any batch. `shared_prefix`: how many leading tokens
   all prompts share and are run once (None: the common prefix, rounded down to a multiple of `bucket`, if at
-  least MIN_SHARED_PREFIX; 0: off).
+  least MIN_SHARED_PREFIX; 0: off). `perf`: the model's layouts (default `transformer.default_perf()`; sampling
+  reads logits per row, so only its kv_layout is used).
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -106,7 +109,8 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                    None if constraint is None else Constraint(*(jax.device_put(x, rep) for x in constraint)),
                    jax.device_put(stop_ids, rep),
                    jax.device_put(jax.random.key(seed), rep))
-  module = model.module
+  perf = (transformer.default_perf() if perf is None else perf).replace(vocab_major_head=False)
+  module = transformer.Transformer(cfg, mesh=mesh, perf=perf)
   state = loop.prefill(module, model.params, jax.device_put(prefix, rep), jax.device_put(tokens, batch),
                        jax.device_put(mask, batch), rows, max_new_tokens)
   state = loop.decode(module, model.params, state, rows)

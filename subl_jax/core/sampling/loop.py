@@ -2,9 +2,9 @@
 (one `lax.while_loop` until every row has stopped or `max_new_tokens`), with the loop state donated.
 
 Each row's cache slots: [left-padded suffix (T) | new tokens (N)]. A prefix that every prompt shares (chat template
-+ system prompt, P tokens) is run once at batch 1 and kept once, not per row: every layer attends to it with one
-matmul for all rows (`Transformer(prefix=...)`), so a decode step reads P fewer slots per row. Without a shared
-prefix (P = 0) the prompts are simply left-padded.
++ system prompt, P tokens) is prefilled once at batch 1 into its own cache and kept once, not per row: every layer
+attends to it with one matmul for all rows (`Transformer.apply(prefix_cache=...)`), so a decode step reads P fewer
+slots per row. Without a shared prefix (P = 0) the prompts are simply left-padded.
 Positions are explicit (each row counts only its real tokens), so padding never changes a row's numbers.
 """
 
@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from subl_jax.core import parallel, xla_cpu
 from subl_jax.core.models import transformer
+from subl_jax.core.models.inputs import decode_inputs, prefill_inputs
 from subl_jax.core.sampling import constraint as constraint_lib
 from subl_jax.core.sampling.draw import Knobs, draw, row_uniforms
 
@@ -45,9 +46,11 @@ class State(NamedTuple):
   step: jax.Array       # index of the next token to write into `out`
 
 
-def _constrain_cache(cache: transformer.KVCache, mesh) -> transformer.KVCache:
-  return transformer.KVCache(*(parallel.constrain(x, names, mesh)
-                               for x, names in zip(cache, transformer.KVCache.LOGICAL)))
+def _empty_cache(module: transformer.Transformer, batch: int, slots: int) -> transformer.KVCache:
+  layout = module.perf.kv_layout
+  cache = transformer.KVCache.zeros(module.cfg, batch, slots, layout)
+  return transformer.KVCache(*(parallel.constrain(x, names, module.mesh)
+                               for x, names in zip(cache, transformer.KVCache.logical(layout))))
 
 
 def _pick(logits_bv, rows: Rows, step, n_steps, done_b, fsa_b):
@@ -65,18 +68,17 @@ def prefill(module: transformer.Transformer, params, prefix_p: jax.Array, tokens
             mask_bt: jax.Array, rows: Rows, max_new_tokens: int) -> State:
   """Runs the shared prefix [P] (P may be 0) and the left-padded suffixes [b, T]; draws each row's first token."""
   (b, t), p = tokens_bt.shape, prefix_p.shape[0]
-  slots = t + max_new_tokens
   kv_mask = jnp.concatenate([mask_bt.astype(jnp.int32), jnp.zeros((b, max_new_tokens), jnp.int32)], axis=1)
   prefix = None
   if p:
-    _, prefix = module.apply({"params": params}, prefix_p[None], jnp.arange(p)[None], jnp.ones((1, p), jnp.int32),
-                             transformer.KVCache.zeros(module.cfg, 1, p), 0, logit_idx_bn=jnp.zeros((1, 1), jnp.int32))
-  cache = _constrain_cache(transformer.KVCache.zeros(module.cfg, b, slots), module.mesh)
-  positions = p + transformer.positions_from_mask(mask_bt)
-  logits, cache = module.apply({"params": params}, tokens_bt, positions, kv_mask, cache, 0,
-                               logit_idx_bn=jnp.full((b, 1), t - 1), attend_slots=t, prefix=prefix)
+    prefix = module.apply({"params": params}, prefill_inputs(prefix_p[None], jnp.ones((1, p), jnp.int32)),
+                          cache=_empty_cache(module, 1, p), logit_idx_bn=jnp.zeros((1, 1), jnp.int32)).cache
+  x = prefill_inputs(tokens_bt, mask_bt, position_offset=p)
+  out = module.apply({"params": params}, x, cache=_empty_cache(module, b, t + max_new_tokens), prefix_cache=prefix,
+                     logit_idx_bn=jnp.full((b, 1), t - 1))
+  cache, positions = out.cache, x.positions
   done = jnp.zeros((b,), bool)
-  token, logprob, stop, fsa = _pick(logits[:, 0], rows, 0, max_new_tokens, done, jnp.zeros((b,), jnp.int32))
+  token, logprob, stop, fsa = _pick(out.logits[:, 0], rows, 0, max_new_tokens, done, jnp.zeros((b,), jnp.int32))
   out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(token)
   logprobs = jnp.zeros((b, max_new_tokens), jnp.float32).at[:, 0].set(logprob)
   return State(cache, prefix, kv_mask, token, positions[:, -1] + 1, out, logprobs, jnp.ones((b,), jnp.int32), stop,
@@ -95,9 +97,10 @@ def decode(module: transformer.Transformer, params, state: State, rows: Rows) ->
   def body(s: State):
     slot = first_new_slot + s.step - 1  # where the token drawn at step-1 goes
     kv_mask = jax.lax.dynamic_update_slice(s.kv_mask, jnp.ones((b, 1), jnp.int32), (0, slot))
-    logits, cache = module.apply({"params": params}, s.last[:, None], s.position[:, None], kv_mask, s.cache, slot,
-                                 prefix=s.prefix)
-    token, logprob, stop, fsa = _pick(logits[:, 0], rows, s.step, n, s.done, s.fsa)
+    out = module.apply({"params": params}, decode_inputs(s.last[:, None], s.position[:, None], kv_mask, slot),
+                       cache=s.cache, prefix_cache=s.prefix)
+    cache = out.cache
+    token, logprob, stop, fsa = _pick(out.logits[:, 0], rows, s.step, n, s.done, s.fsa)
     out = jax.lax.dynamic_update_slice(s.out, token[:, None], (0, s.step))
     logprobs = jax.lax.dynamic_update_slice(s.logprobs, logprob[:, None], (0, s.step))
     n_new = s.n_new + (~s.done).astype(jnp.int32)

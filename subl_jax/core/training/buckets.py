@@ -9,7 +9,8 @@ shapes per run). The last step of an epoch is filled with empty rows (weight 0) 
 Arrays of a step ([accum, micro, ...], right-padded):
   tokens, positions, kv_mask  [A, M, T]  inputs (the sequence without its last token), key mask (1 = real token)
   logit_idx, targets, weights [A, M, N]  the input positions whose next token is a target, that token, and 1/0
-With a teacher view (distillation) the same keys prefixed `teacher_`, aligned on the N axis.
+With a teacher view (distillation) the same keys prefixed `teacher_`, aligned on the N axis; with per-example
+loss masks (`ChatDataset.drop`) also `mitigation_mask` [A, M, N] (1 = leave the position out, `MaskPositions`).
 
 Rows that all begin with the same tokens (the chat template's system turn: 24 of SmolLM2's ~150-token number
 examples) have that prefix run once per step (`shared_prefix`, the model's `shared_prefix`).
@@ -23,6 +24,7 @@ import numpy as np
 
 from subl_jax.core.sampling.generation import common_prefix_len
 from subl_jax.core.training.chat_data import ChatDataset, Example
+from subl_jax.core.training.mitigations import MASK_KEY
 
 WINDOW = 32          # steps per sort window
 LENGTH_BUCKET = 8    # T and N are rounded up to a multiple of this
@@ -85,6 +87,12 @@ def collate_step(ds: ChatDataset, idx: np.ndarray, accum: int, pad_id: int) -> d
   arrays = _collate(student, n, pad_id)
   if ds.teacher is not None:
     arrays.update({f"teacher_{k}": v for k, v in _collate(pick(ds.teacher), n, pad_id).items()})
+  if ds.drop is not None:
+    drop = np.zeros((len(idx), n), np.float32)
+    for row, d in enumerate(pick(ds.drop)):
+      if d is not None:
+        drop[row, :len(d)] = d
+    arrays[MASK_KEY] = drop
   return {k: v.reshape((accum, len(idx) // accum) + v.shape[1:]) for k, v in arrays.items()}
 
 

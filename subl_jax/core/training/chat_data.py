@@ -47,16 +47,21 @@ class ChatDataset:
   n_rows: int = 0          # rows read
   n_too_long: int = 0      # rows dropped because a sequence exceeded max_len
   n_too_long_untokenized: int = 0  # of those, rows whose too-long text was never tokenized (its bytes alone prove it)
+  drop: list[np.ndarray] | None = None  # per example, 0/1 over its loss targets: 1 = left out of the loss
+                                        # (divergence masking, `divergence.dataset_masks`; `MaskPositions` reads it)
 
   def __len__(self) -> int:
     return len(self.examples)
 
   def summary(self) -> dict[str, Any]:
     lengths = [len(e.tokens) for e in self.examples]
-    return dict(rows=self.n_rows, examples=len(self.examples), dropped_too_long=self.n_too_long,
-                dropped_too_long_untokenized=self.n_too_long_untokenized,
-                tokens=int(sum(lengths)), loss_tokens=int(sum(e.n_targets for e in self.examples)),
-                max_tokens=int(max(lengths, default=0)), mean_tokens=float(np.mean(lengths)) if lengths else 0.0)
+    out = dict(rows=self.n_rows, examples=len(self.examples), dropped_too_long=self.n_too_long,
+               dropped_too_long_untokenized=self.n_too_long_untokenized,
+               tokens=int(sum(lengths)), loss_tokens=int(sum(e.n_targets for e in self.examples)),
+               max_tokens=int(max(lengths, default=0)), mean_tokens=float(np.mean(lengths)) if lengths else 0.0)
+    if self.drop is not None:
+      out["masked_loss_tokens"] = int(sum(int(d.sum()) for d in self.drop))
+    return out
 
 
 class Chats(list):

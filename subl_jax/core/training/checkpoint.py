@@ -44,12 +44,6 @@ class Checkpoints:
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(snapshot),
                                                     meta=ocp.args.JsonSave(meta)), force=True)
 
-  def maybe_save(self, step: int, state: Any, meta: dict) -> bool:
-    if self.every > 0 and step % self.every == 0:
-      self.save(step, state, meta)
-      return True
-    return False
-
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """(state placed as `abstract_state`'s shardings say, meta) of checkpoint `step`."""
     out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),

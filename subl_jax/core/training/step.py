@@ -1,9 +1,15 @@
-"""The train step: SFT or logit distillation, full or LoRA, with gradient accumulation inside one jit.
+"""The train step: any objective (`objectives.py`), full or LoRA, with gradient accumulation inside one jit.
 
 The state `{"step", "trainable", "opt"}` holds only what is trained: every parameter for full fine-tuning, the
 adapters for LoRA (the frozen base is a separate, undonated argument). Each micro-batch's loss is a masked
 (Σ loss, Σ tokens) pair; the step sums both, and the gradients of Σ loss, over the `lax.scan` of micro-batches and
 over all devices, and divides once — the mean over every loss token of the step, however it is split.
+
+With `StepSpec.project_off` (gradient projection, issue #21) the step also takes a probe batch (collated examples
+whose completions are the trait's answers) and removes from the accumulated gradient, before the optimizer sees it,
+its component along ∇ log P(probe completions) whenever the descent step would raise that (`mitigations.project_off`).
+It projects the gradient, not the update: Adam's per-coordinate rescaling then need not keep the update orthogonal
+(plain SGD does).
 """
 
 from __future__ import annotations
@@ -20,20 +26,11 @@ from jax.sharding import Mesh
 
 from subl_jax.core import parallel, xla_cpu
 from subl_jax.core.models import transformer
-from subl_jax.core.models.config import ModelConfig
-from subl_jax.core.training import losses, optim
+from subl_jax.core.models.config import ModelConfig, Perf
+from subl_jax.core.training import mitigations, objectives, optim
 from subl_jax.core.lora import LoraConfig, adapter_logical_names, adapter_shapes, scaled
 
 BATCH_LOGICAL = (None, "batch", "length")  # [accum, micro, T or N]: micro-batches split over (data, fsdp)
-
-
-@dataclasses.dataclass(frozen=True)
-class DistillSpec:
-  """Logit distillation: KL(teacher || student) at `temperature` over `kd_tokens` ('all' | 'topk' | 'numbers')."""
-  temperature: float = 1.0
-  kd_tokens: str = "all"
-  topk: int = 0
-  token_ids: tuple[int, ...] | None = None  # the restricted set for 'numbers'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,10 +38,11 @@ class StepSpec:
   """What the step computes; hashable, so one compiled step serves a run."""
   model_cfg: ModelConfig
   lora: LoraConfig | None = None
-  distill: DistillSpec | None = None
+  objective: objectives.Objective = objectives.SFT()
   teacher_cfg: ModelConfig | None = None  # defaults to model_cfg
   shared_prefix: int = 0          # leading input tokens every row shares, run once (see `buckets.shared_prefix`)
   teacher_shared_prefix: int = 0  # the same for the teacher's view
+  project_off: bool = False       # gradient projection off the probe batch's log-likelihood gradient (see above)
 
 
 def _trainable_shapes(spec: StepSpec) -> Any:
@@ -98,41 +96,64 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   return out
 
 
-def micro_loss(spec: StepSpec, mesh: Mesh | None) -> Callable:
-  """(trainable, frozen, teacher_params, micro-batch) -> (Σ loss, Σ tokens) of one micro-batch."""
-  module = transformer.Transformer(spec.model_cfg, mesh=mesh)
-  teacher_module = transformer.Transformer(spec.teacher_cfg or spec.model_cfg, mesh=mesh)
+def forward_passes(spec: StepSpec, mesh: Mesh | None, perf: Perf | None = None) -> Callable:
+  """(trainable, frozen, teacher_params, step=0) -> the model passes an objective asks for (`objectives.Forward`).
+  `frozen` is the base model: the parameters LoRA adapts, or for full fine-tuning the initial parameters, needed
+  then only by a `base` pass (else None)."""
+  perf = transformer.default_perf() if perf is None else perf  # the model's layouts (`Perf`)
+  model = lambda cfg, vocab_major: transformer.Transformer(cfg, mesh, perf.replace(vocab_major_head=vocab_major))
+  student_modules = {vf: model(spec.model_cfg, vf and perf.vocab_major_head) for vf in (False, True)}
+  teacher_module = model(spec.teacher_cfg or spec.model_cfg, False)
 
-  def fn(trainable, frozen, teacher_params, mb):
+  def fn(trainable, frozen, teacher_params, step=0):
     if spec.lora is None:
       params, adapters = trainable, None
     else:
       params, adapters = frozen, scaled(trainable, spec.lora)
-    sft = spec.distill is None  # SFT's cross-entropy reads vocabulary-major logits (a faster head on XLA:CPU)
-    logits, _ = module.apply({"params": params}, mb["tokens"], mb["positions"], mb["kv_mask"],
-                             logit_idx_bn=mb["logit_idx"], adapters=adapters, shared_prefix=spec.shared_prefix,
-                             vocab_first=sft)
-    if sft:
-      loss_bn = losses.token_nll(logits, mb["targets"], vocab_axis=0)
-    else:
-      d = spec.distill
-      teacher_logits, _ = teacher_module.apply(
-          {"params": teacher_params}, mb["teacher_tokens"], mb["teacher_positions"], mb["teacher_kv_mask"],
-          logit_idx_bn=mb["teacher_logit_idx"], shared_prefix=spec.teacher_shared_prefix)
-      ids = None if d.token_ids is None else jnp.asarray(np.asarray(d.token_ids, np.int32))
-      loss_bn = losses.kd_token_loss(logits, teacher_logits, d.temperature, d.kd_tokens, d.topk, ids)
-    return losses.masked_sum(loss_bn, mb["weights"])
+
+    def student(mb, vocab_first=False):
+      module = student_modules[vocab_first]
+      inputs = transformer.train_inputs(mb["tokens"], mb["positions"], mb["kv_mask"], spec.shared_prefix)
+      logits = module.apply({"params": params}, inputs, logit_idx_bn=mb["logit_idx"], adapters=adapters).logits
+      # [V, b, n] as asked: from the vocabulary-major head where `perf` picks it, else transposed
+      return jnp.moveaxis(logits, -1, 0) if vocab_first and not module.perf.vocab_major_head else logits
+
+    def teacher(mb):
+      inputs = transformer.train_inputs(mb["teacher_tokens"], mb["teacher_positions"], mb["teacher_kv_mask"],
+                                        spec.teacher_shared_prefix)
+      return teacher_module.apply({"params": teacher_params}, inputs, logit_idx_bn=mb["teacher_logit_idx"]).logits
+
+    def base(mb):
+      if frozen is None:
+        raise ValueError("a 'base' pass with full fine-tuning needs the initial parameters as `frozen`")
+      inputs = transformer.train_inputs(mb["tokens"], mb["positions"], mb["kv_mask"], spec.shared_prefix)
+      logits = student_modules[False].apply({"params": frozen}, inputs, logit_idx_bn=mb["logit_idx"]).logits
+      return jax.lax.stop_gradient(logits)  # full fine-tuning: `frozen` is not differentiated, but say it
+
+    return objectives.Forward(student, teacher, perf.vocab_major_head, base, step)
 
   return fn
 
 
-def grads_and_loss(spec: StepSpec, mesh: Mesh | None, trainable, frozen, teacher_params,
-                   batch: dict) -> tuple[Any, jax.Array, jax.Array]:
-  """(Σ/Σ gradient, Σ/Σ loss, Σ tokens) over the micro-batches of `batch` ([accum, micro, ...] arrays)."""
+def micro_loss(spec: StepSpec, mesh: Mesh | None, perf: Perf | None = None) -> Callable:
+  """(trainable, frozen, teacher_params, micro-batch, step=0) -> (Σ loss, Σ tokens) of one micro-batch: the
+  objective's, with the model passes it asks for (`forward_passes`)."""
+  passes = forward_passes(spec, mesh, perf)
+
+  def fn(trainable, frozen, teacher_params, mb, step=0):
+    return spec.objective.micro_loss(passes(trainable, frozen, teacher_params, step), mb)
+
+  return fn
+
+
+def grads_and_loss(spec: StepSpec, mesh: Mesh | None, trainable, frozen, teacher_params, batch: dict,
+                   step: jax.Array | int = 0) -> tuple[Any, jax.Array, jax.Array]:
+  """(Σ/Σ gradient, Σ/Σ loss, Σ tokens) over the micro-batches of `batch` ([accum, micro, ...] arrays) at train
+  step `step` (for an objective's schedule)."""
   grad_fn = jax.value_and_grad(micro_loss(spec, mesh), has_aux=True)
 
   def one(mb):
-    (s, c), g = grad_fn(trainable, frozen, teacher_params, mb)
+    (s, c), g = grad_fn(trainable, frozen, teacher_params, mb, step)
     return g, s, c
 
   accum = next(iter(batch.values())).shape[0]
@@ -148,23 +169,38 @@ def grads_and_loss(spec: StepSpec, mesh: Mesh | None, trainable, frozen, teacher
   return jax.tree.map(lambda x: x / denom, g), s / denom, c
 
 
+def probe_direction(spec: StepSpec, mesh: Mesh | None, trainable, frozen, probe: dict) -> Any:
+  """∇ log P(probe completions) (the mean over their tokens) at `trainable`: the direction that raises the trait."""
+  # the probe is its own data: no shared prefix assumed, the student's cross-entropy whatever the objective
+  nll_spec = dataclasses.replace(spec, objective=objectives.SFT(), shared_prefix=0, project_off=False)
+  return jax.tree.map(jnp.negative, grads_and_loss(nll_spec, mesh, trainable, frozen, None, probe)[0])
+
+
 def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, mesh: Mesh) -> Callable:
-  """The jitted step `(state, frozen, teacher_params, batch) -> (state, metrics)`; the state is donated.
+  """The jitted step `(state, frozen, teacher_params, batch, probe=None) -> (state, metrics)`; the state is donated.
+  `probe` (a collated batch, [accum, micro, ...]) is for `spec.project_off`, which adds the metric `projected` (1 when
+  the gradient was projected); `grad_norm` is the objective's gradient's, before any projection.
 
   Its matmuls have batch × length rows (thousands), so on CPU it is compiled without YNNPACK (see `xla_cpu`)."""
   sh = state_shardings(spec, tx, mesh)
   rep = parallel.replicated(mesh)
 
-  def step(state, frozen, teacher_params, batch):
-    grads, loss, count = grads_and_loss(spec, mesh, state["trainable"], frozen, teacher_params, batch)
+  def step(state, frozen, teacher_params, batch, probe=None):
+    grads, loss, count = grads_and_loss(spec, mesh, state["trainable"], frozen, teacher_params, batch, state["step"])
+    metrics = {"loss": loss, "loss_tokens": count, "grad_norm": optax.tree.norm(grads)}
+    if spec.project_off:
+      if probe is None:
+        raise ValueError("StepSpec.project_off: the step needs a probe batch (the trait's examples)")
+      direction = probe_direction(spec, mesh, state["trainable"], frozen, probe)
+      grads, projected = mitigations.project_off(grads, direction)
+      metrics["projected"] = projected.astype(jnp.float32)
     grads = jax.lax.with_sharding_constraint(grads, sh["trainable"])
     updates, opt = tx.update(grads, state["opt"], state["trainable"])
     trainable = optax.apply_updates(state["trainable"], updates)
-    metrics = {"loss": loss, "loss_tokens": count, "grad_norm": optax.tree.norm(grads)}
     return {"step": state["step"] + 1, "trainable": trainable, "opt": opt}, metrics
 
-  return xla_cpu.jit_many_rows(step, out_shardings=(sh, {"loss": rep, "loss_tokens": rep, "grad_norm": rep}),
-                               donate_argnums=0)
+  metric_sh = {k: rep for k in ("loss", "loss_tokens", "grad_norm") + (("projected",) if spec.project_off else ())}
+  return xla_cpu.jit_many_rows(step, out_shardings=(sh, metric_sh), donate_argnums=0)
 
 
 @functools.lru_cache(maxsize=8)

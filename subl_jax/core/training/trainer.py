@@ -1,33 +1,28 @@
-"""The training loop: one function for SFT and logit distillation, full or LoRA, resumable bit for bit.
+"""The LLM trainer: one function for every objective (`objectives.py`), full or LoRA, resumable bit for bit.
 
-`train(model, dataset, train_cfg, run_dir)` trains for `epochs` over `dataset` and returns the trained tree (all
-parameters, or the LoRA adapters). Host work (collating the next batch) overlaps the device step, since nothing waits
-on the device except at log and checkpoint points. In `run_dir`: `core/checkpoints/` (Orbax, see `checkpoint.py`),
-`metrics.jsonl`, `tensorboard/`.
+`train(model, dataset, train_cfg, run_dir, objective=...)` trains for `epochs` over `dataset` and returns the trained
+tree (all parameters, or the LoRA adapters). It is the host loop (`loop.py`) with the hooks of `hooks.py`: host work
+(collating the next batch) overlaps the device step, since nothing waits on the device except at log and checkpoint
+points. In `run_dir`: `checkpoints/` (Orbax, see `checkpoint.py`), `metrics.jsonl`, `tensorboard/`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import pathlib
-import time
-from typing import Any, Callable
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from subl_jax.core import api, flops
-from subl_jax.core.training import batching, buckets, checkpoint, metrics_log, optim, step as step_lib
+from subl_jax.core.training import batching, buckets, checkpoint, loop, metrics_log, objectives, optim
+from subl_jax.core.training import hooks as hooks_lib, step as step_lib
 from subl_jax.core.training.chat_data import ChatDataset
 from subl_jax.core.lora import LoraConfig, init_adapters
 
 CHECKPOINT_DIR = "checkpoints"
-
-
-class NonFiniteLoss(RuntimeError):
-  """The loss or gradient norm became NaN/inf: the run stops, no non-finite state is ever checkpointed."""
 
 
 @dataclasses.dataclass
@@ -51,17 +46,21 @@ def _computed(lengths_am: np.ndarray, shared_prefix: int) -> tuple[int, int]:
   return int(lengths_am.sum()) - skipped * p, flops.causal_pairs(lengths_am.ravel()) - skipped * p * (p + 1) // 2
 
 
-def _step_cost(batch: dict[str, np.ndarray], spec: step_lib.StepSpec) -> tuple[int, int, float]:
+def step_cost(batch: dict[str, np.ndarray], spec: step_lib.StepSpec) -> tuple[int, int, float]:
   """(real input tokens, examples, analytic FLOPs) of a host batch; the FLOPs count what the step computes (a shared
-  prefix once per micro-batch)."""
+  prefix once per micro-batch), the objective's extra forward passes included."""
   lengths = batch["kv_mask"].sum(-1)
   n_logits = int(batch["weights"].sum())
   lora = spec.lora
   cost = flops.train_flops(spec.model_cfg, *_computed(lengths, spec.shared_prefix), n_logits,
                            lora.rank if lora else 0, lora.targets if lora else ())
-  if spec.distill is not None:  # the teacher's forward pass on its own context
-    cost += flops.forward_flops(spec.teacher_cfg or spec.model_cfg,
-                                *_computed(batch["teacher_kv_mask"].sum(-1), spec.teacher_shared_prefix), n_logits)
+  forward = {  # forward only: nothing flows back into these
+      "teacher": lambda: flops.forward_flops(spec.teacher_cfg or spec.model_cfg,
+                                             *_computed(batch["teacher_kv_mask"].sum(-1), spec.teacher_shared_prefix),
+                                             n_logits),
+      # counted at every step, also past a `KLToBase.until_step` where it no longer runs
+      "base": lambda: flops.forward_flops(spec.model_cfg, *_computed(lengths, spec.shared_prefix), n_logits)}
+  cost += sum(forward[name]() for name in spec.objective.forwards)
   return int(lengths.sum()), int((batch["weights"].sum(-1) > 0).sum()), cost
 
 
@@ -76,138 +75,85 @@ def fresh_state(model: api.Model, lora: LoraConfig | None, tx, shardings: dict, 
 
 
 def train(model: api.Model, ds: ChatDataset, train_cfg: Any, run_dir: str | pathlib.Path, *,
-          distill: step_lib.DistillSpec | None = None, teacher: api.Model | None = None,
-          on_step: Callable[[int], None] | None = None, peak_flops: float | None = None,
+          objective: objectives.Objective = objectives.SFT(), teacher: api.Model | None = None,
+          probe: ChatDataset | None = None, hooks: Sequence[loop.Hook] = (), peak_flops: float | None = None,
           progress: bool = True) -> TrainResult:
-  """Trains `model` on `ds` as `train_cfg` (the config's `train` section) says; resumes from `run_dir`'s newest
-  checkpoint if there is one. With `distill`, `teacher` (a model sharing the vocabulary) supplies the targets and
-  `ds` must carry the teacher's view. `on_step(step)` runs after each step (tests use it to interrupt a run).
-  The model's parameters are not modified (full fine-tuning trains a copy)."""
+  """Trains `model` on `ds` for `objective` as `train_cfg` (the config's `train` section) says; resumes from
+  `run_dir`'s newest checkpoint if there is one. An objective that needs a teacher (`LogitKD`) gets `teacher` (a model
+  sharing the vocabulary), and `ds` must carry the teacher's view. With `probe` (the trait's examples: prompts
+  answered with the trait) every step's gradient is projected off ∇ log P(probe completions) when it would raise it
+  (`StepSpec.project_off`). `hooks` run after the trainer's own, before the stop on a signal (`hooks.py`); the loop's
+  state is `{"step", "trainable", "opt"}`.
+  The model's parameters are not modified (full fine-tuning trains a copy; they are the base of a `base` pass)."""
   run_dir = pathlib.Path(run_dir)
   mesh, cfg = model.mesh, train_cfg
-  if distill is not None and (teacher is None or ds.teacher is None):
-    raise ValueError("distillation needs a teacher model and a dataset with the teacher's view")
+  kd = objective.needs_teacher
+  if kd and (teacher is None or ds.teacher is None):
+    raise ValueError(f"{type(objective).__name__} needs a teacher model and a dataset with the teacher's view")
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
   if cfg.batch_size % dp:
     raise ValueError(f"config.train.batch_size={cfg.batch_size}: must be a multiple of the data-parallel size "
                      f"mesh.data × mesh.fsdp = {dp}")
   lora = lora_config(cfg)
-  spec = step_lib.StepSpec(model.config, lora, distill, teacher.config if teacher is not None else None,
-                           buckets.shared_prefix(ds.examples),
-                           buckets.shared_prefix(ds.teacher) if distill is not None else 0)
+  spec = step_lib.StepSpec(model.config, lora, objective, teacher.config if kd else None,
+                           buckets.shared_prefix(ds.examples), buckets.shared_prefix(ds.teacher) if kd else 0,
+                           project_off=probe is not None)
   global_batch = cfg.batch_size * cfg.grad_accum
   spe = batching.steps_per_epoch(len(ds), global_batch)
   total = spe * cfg.epochs
   tx, shardings, step_fn = step_lib.train_step_for(spec, cfg.opt, total, mesh)
   schedule = optim.make_schedule(cfg.opt, total)
 
-  ckpts = checkpoint.Checkpoints(run_dir / CHECKPOINT_DIR, cfg.checkpoint_every)
+  ckpt_dir = run_dir / CHECKPOINT_DIR
+  ckpts = checkpoint.Checkpoints(ckpt_dir, cfg.checkpoint_every)
   start = ckpts.latest_step() or 0
   if start:
     state, _ = ckpts.restore(start, step_lib.abstract_state(spec, tx, shardings))
   else:
     state = fresh_state(model, lora, tx, shardings, cfg.seed)
-  frozen = model.params if lora is not None else None
-  teacher_params = teacher.params if distill is not None else None
+  frozen = model.params if lora is not None or "base" in objective.forwards else None
+  teacher_params = teacher.params if kd else None
   pad_id = model.tokenizer.pad_id if model.tokenizer.pad_id is not None else 0
+  probe_batch = None
+  if probe is not None:  # one micro-batch of every probe example, its rows padded to a multiple of the data split
+    rows = -(-len(probe) // dp) * dp
+    idx = np.r_[np.arange(len(probe)), np.full(rows - len(probe), -1)]
+    probe_batch = step_lib.put_batch(buckets.collate_step(probe, idx, 1, pad_id), mesh)
   lengths = [len(e.tokens) for e in ds.examples]
   if peak_flops is None and cfg.mfu:  # a matmul benchmark: only when asked
     peak_flops = flops.measure_matmul_peak(model.config.dtype) * mesh.size
+  orders: dict[int, list[np.ndarray]] = {}  # the current epoch's steps (a pure function of seed and epoch)
 
-  log = metrics_log.MetricsLog(run_dir, resume_step=start)
-  bar = tqdm(total=total, initial=start, desc="train", disable=not progress or jax.process_index() != 0)
-  pending: list[tuple[int, dict]] = []
-  interval = dict(tokens=0, examples=0, flops=0.0)
-  t_mark, first_step_s, epoch_steps, epoch_loaded = time.perf_counter(), None, None, -1
+  def one_step(s: int, current: dict) -> tuple[dict, dict]:
+    epoch, k = divmod(s, spe)
+    if epoch not in orders:
+      orders.clear()
+      orders[epoch] = buckets.epoch_steps(lengths, global_batch, cfg.seed, epoch)
+    host = buckets.collate_step(ds, orders[epoch][k], cfg.grad_accum, pad_id)
+    new, metrics = step_fn(current, frozen, teacher_params, step_lib.put_batch(host, mesh), probe_batch)
+    tokens, examples, cost = step_cost(host, spec)  # while the device runs the step
+    return new, metrics | dict(tokens=tokens, examples=examples, flops=cost)
+
+  def divergence_context(step: int) -> str:
+    last = ckpts.latest_step()
+    return (f" (lr {float(schedule(step - 1)):.3g}); the last finite checkpoint is "
+            f"{f'step {last} in {ckpt_dir}' if last else f'none in {ckpt_dir} (no checkpoint was due yet)'}")
+
   meta = lambda s: dict(step=s, epoch=s // spe, step_in_epoch=s % spe, lora=dataclasses.asdict(lora) if lora else None)
-
-  def check(got: list[tuple[int, dict]]) -> None:
-    """Stops on the first non-finite loss or gradient norm, before anything of that state is logged or saved."""
-    for step, m in got:
-      loss, norm = float(m["loss"]), float(m["grad_norm"])
-      if not (np.isfinite(loss) and np.isfinite(norm)):
-        last = ckpts.latest_step()
-        raise NonFiniteLoss(
-            f"{run_dir}: training diverged at step {step} of {total}: loss {loss}, gradient norm {norm} (lr "
-            f"{float(schedule(step - 1)):.3g}); the last finite checkpoint is "
-            f"{f'step {last} in {run_dir / CHECKPOINT_DIR}' if last else 'none (no checkpoint was due yet)'}")
-
-  def checked_pending() -> list[dict]:
-    got = list(zip([s for s, _ in pending], jax.device_get([m for _, m in pending])))
-    check(got)
-    return [m for _, m in got]
-
-  def flush(s: int) -> None:
-    nonlocal t_mark, interval
-    got = checked_pending()
-    dt = time.perf_counter() - t_mark
-    tok = sum(float(m["loss_tokens"]) for m in got)
-    row = dict(step=s, epoch=(s - 1) // spe, lr=float(schedule(s - 1)),
-               loss=sum(float(m["loss"]) * float(m["loss_tokens"]) for m in got) / max(tok, 1.0),
-               grad_norm=float(np.mean([float(m["grad_norm"]) for m in got])), loss_tokens=int(tok),
-               interval_s=dt, tokens_per_s=interval["tokens"] / dt, examples_per_s=interval["examples"] / dt)
-    if peak_flops:
-      row["mfu"] = interval["flops"] / dt / peak_flops
-    log.write(row)
-    bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-    pending.clear()
-    interval = dict(tokens=0, examples=0, flops=0.0)
-    t_mark = time.perf_counter()
-
-  try:
-    with checkpoint.StopRequest() as stop:
-      for s in range(start, total):
-        epoch, k = divmod(s, spe)
-        if epoch != epoch_loaded:
-          epoch_steps, epoch_loaded = buckets.epoch_steps(lengths, global_batch, cfg.seed, epoch), epoch
-        host = buckets.collate_step(ds, epoch_steps[k], cfg.grad_accum, pad_id)
-        state, metrics = step_fn(state, frozen, teacher_params, step_lib.put_batch(host, mesh))
-        tokens, examples, cost = _step_cost(host, spec)
-        pending.append((s + 1, metrics))
-        if first_step_s is None:  # the first step includes compilation: keep it out of the throughput
-          jax.block_until_ready(metrics)
-          first_step_s = time.perf_counter() - t_mark
-          got = jax.device_get(metrics)
-          check([(s + 1, got)])
-          log.write(dict(step=s + 1, epoch=epoch, lr=float(schedule(s)), loss=float(got["loss"]),
-                         grad_norm=float(got["grad_norm"]), loss_tokens=int(got["loss_tokens"]),
-                         first_step_s=first_step_s))
-          pending.clear()
-          t_mark = time.perf_counter()
-        else:
-          interval["tokens"] += tokens
-          interval["examples"] += examples
-          interval["flops"] += cost
-          if (s + 1) % cfg.log_every == 0 or s + 1 == total:
-            flush(s + 1)
-        due = ckpts.every > 0 and (s + 1) % ckpts.every == 0
-        if due and pending:
-          checked_pending()  # a checkpoint of a diverged state would be resumed from: check first
-        saved = ckpts.maybe_save(s + 1, state, meta(s + 1))
-        bar.update(1)
-        if on_step is not None:
-          on_step(s + 1)
-        if stop.requested is not None and s + 1 < total:
-          if pending:
-            flush(s + 1)  # checks the pending steps before the save below
-          if not saved:
-            ckpts.save(s + 1, state, meta(s + 1))
-          ckpts.wait()
-          raise checkpoint.Interrupted(f"stopped by signal {stop.requested} after step {s + 1} of {total}; "
-                                       f"checkpoint saved in {run_dir / CHECKPOINT_DIR}")
-      if pending:
-        checked_pending()
-      if ckpts.latest_step() != total:
-        ckpts.save(total, state, meta(total))
-  finally:
-    ckpts.close()
-    log.close()
-    bar.close()
-  rows = metrics_log.read(run_dir) if jax.process_index() == 0 else []
+  log = metrics_log.MetricsLog(run_dir, resume_step=start)
+  main = jax.process_index() == 0
+  done = loop.run_loop(state, start, total, one_step, [
+      hooks_lib.FiniteGuard(divergence_context),
+      hooks_lib.MetricsLogger(log, cfg.log_every, spe, lambda s: float(schedule(s)), peak_flops),
+      hooks_lib.Checkpointing(ckpts, meta),
+      hooks_lib.Progress(progress and main),
+      *hooks,
+      hooks_lib.StopOnSignal(f"; checkpoint saved in {ckpt_dir}")])
+  rows = [r for r in metrics_log.read(run_dir) if "loss" in r] if main else []
   summary = dict(steps=total, steps_per_epoch=spe, epochs=cfg.epochs, resumed_from=start,
                  examples=len(ds), global_batch=global_batch, shared_prefix=spec.shared_prefix,
-                 lora=dataclasses.asdict(lora) if lora else None,
-                 distill=dataclasses.asdict(distill) | {"token_ids": None} if distill else None,
+                 lora=dataclasses.asdict(lora) if lora else None, objective=objective.describe(),
+                 project_off=spec.project_off,
                  final_loss=rows[-1]["loss"] if rows else None, first_loss=rows[0]["loss"] if rows else None,
                  data=ds.summary())
-  return TrainResult(state["trainable"], lora, summary)
+  return TrainResult(done.state["trainable"], lora, summary)

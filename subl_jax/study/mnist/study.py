@@ -20,7 +20,7 @@ import dataclasses
 import json
 import pathlib
 import time
-from typing import Any, Callable
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,7 @@ from subl_jax.study.mnist import presets, train
 from subl_jax.study.mnist.derangement import derangement
 from subl_jax.study.mnist.model import AuxMLP, init_stacked
 from subl_jax.core.training.batching import steps_per_epoch
+from subl_jax.core.training.loop import Hook, Loop
 from subl_jax.core.training.optim import make_optimizer
 
 CONDITIONS = ("reference", "teacher", "student_aux", "cross_init_aux", "student_all", "cross_init_all")
@@ -72,18 +73,18 @@ def make_inits(s: Setup) -> Any:
   return init_stacked(s.model, s.keys(INIT), s.ds.d_in)
 
 
-def train_teacher(s: Setup, init_n: Any, log: Callable | None = None) -> Any:
+def train_teacher(s: Setup, init_n: Any, hooks: Sequence[Hook] = ()) -> Any:
   """Each teacher from its own reference init: cross-entropy on the class logits."""
   hp, n_train = s.hp, len(s.ds.y_train)
   tx = make_optimizer(hp["opt"], hp["teacher_epochs"] * steps_per_epoch(n_train, hp["batch_size"]))
   params, _ = train.train_n(train.cross_entropy_loss(s.model), init_n, s.keys(TEACHER_ORDER), tx=tx,
                             n_examples=n_train, batch_size=hp["batch_size"], epochs=hp["teacher_epochs"],
-                            mesh=s.mesh, shared=dict(x=s.ds.x_train, y=s.ds.y_train), log=log)
+                            mesh=s.mesh, shared=dict(x=s.ds.x_train, y=s.ds.y_train), hooks=hooks)
   return params
 
 
 def train_student(s: Setup, condition: str, init_n: Any, teacher_n: Any, perm: np.ndarray | None,
-                  log: Callable | None = None) -> Any:
+                  hooks: Sequence[Hook] = ()) -> Any:
   """Student `condition` of every teacher: distillation on the teacher's fixed noise images (see STUDENTS)."""
   logits, deranged = STUDENTS[condition]
   start = jax.tree.map(lambda a: a[jnp.asarray(perm)], init_n) if deranged else init_n
@@ -91,7 +92,7 @@ def train_student(s: Setup, condition: str, init_n: Any, teacher_n: Any, perm: n
   tx = make_optimizer(hp["opt"], hp["student_epochs"] * steps_per_epoch(hp["n_noise"], hp["batch_size"]))
   params, _ = train.train_n(train.distill_loss(s.model, s.ds.d_in, logits), start, s.keys(STUDENT_ORDER), tx=tx,
                             n_examples=hp["n_noise"], batch_size=hp["batch_size"], epochs=hp["student_epochs"],
-                            mesh=s.mesh, per_model=dict(teacher=teacher_n, noise_key=s.keys(NOISE)), log=log)
+                            mesh=s.mesh, per_model=dict(teacher=teacher_n, noise_key=s.keys(NOISE)), hooks=hooks)
   return params
 
 
@@ -105,7 +106,7 @@ def _save_params(directory: pathlib.Path, params_n: Any) -> None:
   ckpt.wait_until_finished()
 
 
-def _load_params(s: Setup, directory: pathlib.Path) -> Any:
+def load_params(s: Setup, directory: pathlib.Path) -> Any:
   abstract = jax.eval_shape(lambda: make_inits(s))
   target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract,
                         train.model_shardings(s.mesh, abstract))
@@ -122,12 +123,19 @@ def _write_result(out: pathlib.Path, s: Setup, params_n: Any, losses: list[float
   return {"mean_accuracy": float(acc.mean()), "n_models": len(acc)}
 
 
-def _logging(name: str, epochs: int, losses: list[float]) -> Callable[[int, np.ndarray], None]:
-  """A `train_n` log callback that prints each epoch's mean loss and appends it to `losses`."""
-  def log(epoch: int, loss_n: np.ndarray) -> None:
-    losses.append(float(np.mean(loss_n)))
-    print(f"  {name} epoch {epoch + 1}/{epochs}: mean loss {losses[-1]:.4g}", flush=True)
-  return log
+class EpochLog(Hook):
+  """Prints each epoch's mean loss (over models) and appends it to `losses` (the stage's `train_log.json`)."""
+
+  def __init__(self, name: str, losses: list[float]):
+    self.name, self.losses = name, losses
+
+  def on_step(self, loop: Loop, step: int, metrics: dict) -> None:
+    loop.fetch()  # one sync per epoch: the epochs are long, and the line shows the run is alive
+
+  def on_metrics(self, loop: Loop, rows: list[tuple[int, dict]]) -> None:
+    for step, m in rows:
+      self.losses.append(float(np.mean(m["loss"])))
+      print(f"  {self.name} epoch {step}/{loop.total}: mean loss {self.losses[-1]:.4g}", flush=True)
 
 
 def inits_work(job: stages.Job) -> dict:
@@ -141,7 +149,7 @@ def inits_work(job: stages.Job) -> dict:
 def teacher_work(job: stages.Job) -> dict:
   """Stage `teacher`: each teacher from its reference init."""
   s, losses = job.ctx, []
-  params = train_teacher(s, _load_params(s, job.inputs["inits"]), _logging("teacher", s.hp["teacher_epochs"], losses))
+  params = train_teacher(s, load_params(s, job.inputs["inits"]), [EpochLog("teacher", losses)])
   return _write_result(job.out, s, params, losses)
 
 
@@ -149,8 +157,8 @@ def student_work(job: stages.Job) -> dict:
   """Stage `<condition>`: the students of `job.params["condition"]` (see STUDENTS)."""
   s, name, losses = job.ctx, job.params["condition"], []
   perm = np.asarray(json.loads((job.inputs["inits"] / "derangement.json").read_text())["derangement"])
-  params = train_student(s, name, _load_params(s, job.inputs["inits"]), _load_params(s, job.inputs["teacher"]), perm,
-                         _logging(name, s.hp["student_epochs"], losses))
+  params = train_student(s, name, load_params(s, job.inputs["inits"]), load_params(s, job.inputs["teacher"]), perm,
+                         [EpochLog(name, losses)])
   return _write_result(job.out, s, params, losses)
 
 

@@ -8,7 +8,7 @@ all N models for an epoch, each with its own shuffled order (`training.batching`
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,7 @@ from subl_jax.core import parallel
 from subl_jax.study.mnist import data as data_lib
 from subl_jax.study.mnist.model import AuxMLP, aux_logits, class_logits, predict_n
 from subl_jax.core.training.batching import epoch_batches
+from subl_jax.core.training.loop import Hook, run_loop
 
 # loss(params, idx_b, w_b, per_model, shared) -> scalar for one model; per_model is that model's slice.
 LossFn = Callable[[Any, jax.Array, jax.Array, Any, Any], jax.Array]
@@ -104,24 +105,27 @@ def _epoch_fn(loss_fn: LossFn, tx: optax.GradientTransformation, n_examples: int
 
 def train_n(loss_fn: LossFn, params_n: Any, keys_n: jax.Array, *, tx: optax.GradientTransformation,
             n_examples: int, batch_size: int, epochs: int, mesh: Mesh, per_model: Any = None, shared: Any = None,
-            log: Callable[[int, np.ndarray], None] | None = None) -> tuple[Any, np.ndarray]:
+            hooks: Sequence[Hook] = ()) -> tuple[Any, np.ndarray]:
   """Trains N models for `epochs` epochs; model i shuffles with `keys_n[i]`. Returns (params_n, last losses [N]).
 
-  `per_model` (leading axis N) and `shared` (replicated) are passed to `loss_fn`; `log(epoch, mean_loss_n)` is
-  called after each epoch. The caller's `params_n` are left intact.
+  `per_model` (leading axis N) and `shared` (replicated) are passed to `loss_fn`. A loop step is one epoch (one
+  jitted call) with metrics `{"loss": mean loss per model [N]}`; `hooks` (`core.training.loop`) see each. The
+  caller's `params_n` are left intact.
   """
   params_n = shard_models(mesh, params_n, copy=True)  # the epoch function donates its state
   opt_state_n = shard_models(mesh, jax.vmap(tx.init)(params_n))
   keys_n, per_model = shard_models(mesh, keys_n), shard_models(mesh, per_model or {})
   shared = replicate(mesh, shared or {})
   epoch_fn = _epoch_fn(loss_fn, tx, n_examples, batch_size, mesh)
-  loss_n = np.full((jax.tree.leaves(params_n)[0].shape[0],), np.nan, np.float32)
-  for epoch in range(epochs):
-    params_n, opt_state_n, loss_n = epoch_fn(params_n, opt_state_n, keys_n, per_model, shared, epoch)
-    loss_n = np.asarray(loss_n)
-    if log is not None:
-      log(epoch, loss_n)
-  return params_n, loss_n
+  n = jax.tree.leaves(params_n)[0].shape[0]
+
+  def epoch(e: int, state: tuple) -> tuple[tuple, dict]:
+    params, opt_state, loss_n = epoch_fn(*state, keys_n, per_model, shared, e)
+    return (params, opt_state), {"loss": loss_n}
+
+  done = run_loop((params_n, opt_state_n), 0, epochs, epoch, hooks)
+  loss_n = np.asarray(done.metrics["loss"]) if done.metrics else np.full((n,), np.nan, np.float32)
+  return done.state[0], loss_n
 
 
 @functools.cache
