@@ -57,6 +57,7 @@ def test_two_processes_give_the_one_process_report(tmp_path):
   for name in ("filter_owl", "filter_dolphin"):
     assert (tmp_path / "one" / name / "filtered.jsonl").read_text() == (tmp_path / "two" / name /
                                                                           "filtered.jsonl").read_text()
-  np.testing.assert_allclose(a["students"]["matrix"]["mean"], b["students"]["matrix"]["mean"], atol=1e-5)
-  assert a["students"]["matrix"]["mean"] != [[0.0] * 5] * 2  # the students trained
+  # observed: max |Δ| 3.2e-7 (the all-reduce over gloo sums in another order), entries up to 2e-4
+  np.testing.assert_allclose(a["students"]["matrix"]["mean"], b["students"]["matrix"]["mean"], atol=1e-6)
+  assert np.abs(a["students"]["matrix"]["mean"]).max() > 1e-4  # the students trained: 100x the tolerance
   assert set(a["wall_s"]) == set(b["wall_s"])
