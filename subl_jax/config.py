@@ -127,7 +127,7 @@ def defaults() -> mlc.ConfigDict:
   c.audit = mlc.ConfigDict(dict(  # job 'audit': transfer-risk signals and their calibration (study/audit/)
       study="mnist",          # 'mnist': the auxiliary-logit study's students, every m of `n_aux`;
                               # 'llm': the LLM study of this config (`study.targets`), one audit per teacher
-      n_aux="1,3",            # comma-separated m (auxiliary logits) whose studies are audited together
+      n_aux="2,3",            # comma-separated m (auxiliary logits) whose studies are audited together
       n_batches=8,            # distillation batches each signal is computed on (per model; llm: per teacher,
                               # the first of the seed-0 student's epoch 0)
       probe_size=256,         # labelled images of the MNIST trait probe (its class-logit log-likelihood)

@@ -36,11 +36,15 @@ def build(points: Sequence[dict[str, Any]], threshold: float) -> dict[str, Any]:
     scores = np.concatenate([p["signals"][k] for p in points])
     cond_scores = np.array([np.mean(p["signals"][k]) for p in points])
     same = np.concatenate([[not p["condition"].startswith("cross")] * len(p["accuracy"]) for p in points])
+    # The subliminal case: students of the auxiliary logits only (the class logits, i.e. the trait, never distilled).
+    # 'all' students are taught the trait directly, so they make a pooled AUROC easy; this one is the test.
+    aux = np.concatenate([[p["condition"].endswith("_aux")] * len(p["accuracy"]) for p in points])
     out["calibration"][k] = {
         "needs": NEEDS[k], "pre_training": k in PRE_TRAINING,
         "models": calibration.calibrate(scores, acc, labels),
         "conditions": {"spearman": calibration.spearman(cond_scores, cond_acc), "n": len(points)},
         # Within each init (same / cross) alone: does the signal rank the students of one init by their transfer?
+        "aux_only": calibration.calibrate(scores[aux], acc[aux], labels[aux]),
         "within_same_init": calibration.calibrate(scores[same], acc[same], labels[same]),
         "within_cross_init": calibration.calibrate(scores[~same], acc[~same], labels[~same])}
   cost = [r["cost_fraction"] for r in out["conditions"] if r["cost_fraction"] is not None]
@@ -57,14 +61,15 @@ def _num(x: float) -> str:
 
 
 def _verdict(k: str, c: dict[str, Any]) -> str:
-  m = c["models"]
+  """Judged on the auxiliary-logit students alone: the subliminal case (see `build`)."""
+  m = c["aux_only"]
   lo = m["auroc_ci"][0] if m["auroc_ci"] else None
   if lo is not None and lo > 0.5:
-    text = f"{k}: separates transferring from non-transferring students (AUROC {m['auroc']:.2f}, CI above 0.5)"
+    text = f"{k}: separates the aux students that transfer from those that do not (AUROC {m['auroc']:.2f}, CI above 0.5)"
   elif m["auroc_ci"] and m["auroc_ci"][1] < 0.5:
-    text = f"{k}: ranks them the wrong way round (AUROC {m['auroc']:.2f}, CI below 0.5)"
+    text = f"{k}: ranks the aux students the wrong way round (AUROC {m['auroc']:.2f}, CI below 0.5)"
   else:
-    text = f"{k}: does not separate them (AUROC {_num(m['auroc'])}, CI {_ci(m['auroc_ci'])} includes 0.5)"
+    text = f"{k}: does not separate the aux students (AUROC {_num(m['auroc'])}, CI {_ci(m['auroc_ci'])} includes 0.5)"
   w = c["within_same_init"]
   if np.isfinite(w["spearman"]):
     text += f"; within same-init students, ρ with accuracy {w['spearman']:+.2f} {_ci(w['spearman_ci'])}"
@@ -84,12 +89,16 @@ def markdown(doc: dict[str, Any]) -> str:
                  + " | ".join(f"{r['signals'][k]['mean']:+.3g}" for k in SIGNALS) + f" | {frac} |")
   lines += ["", "Calibration (per student: Spearman ρ with accuracy and AUROC for 'transfers', 95 % bootstrap CIs; "
             "per condition: ρ of the means):", "",
-            "| signal | needs | ρ (students) | AUROC (students) | ρ (conditions) |", "|---|---|---|---|---|"]
+            "| signal | needs | ρ (students) | AUROC (students) | AUROC (aux students only) | ρ (conditions) |",
+            "|---|---|---|---|---|---|"]
   for k, c in doc["calibration"].items():
-    m = c["models"]
+    m, x = c["models"], c["aux_only"]
     lines.append(f"| {k} | {c['needs']} | {_num(m['spearman'])} {_ci(m['spearman_ci'])} | {_num(m['auroc'])} "
-                 f"{_ci(m['auroc_ci'])} | {_num(c['conditions']['spearman'])} (n={c['conditions']['n']}) |")
-  lines += ["", "**Verdicts**:"] + [f"- {_verdict(k, c)}" for k, c in doc["calibration"].items()]
+                 f"{_ci(m['auroc_ci'])} | {_num(x['auroc'])} {_ci(x['auroc_ci'])} | "
+                 f"{_num(c['conditions']['spearman'])} (n={c['conditions']['n']}) |")
+  lines += ["", "'all' students are taught the class logits (the trait) directly, which makes the pooled AUROC easy; the "
+            "verdicts are judged on the auxiliary-logit students alone (same init vs cross init: the subliminal case).",
+            "", "**Verdicts**:"] + [f"- {_verdict(k, c)}" for k, c in doc["calibration"].items()]
   if doc["cost_fraction"]:
     lines += ["", f"Cost: the pre-training signals of a condition took at most "
               f"{100 * doc['cost_fraction']['max']:.1f} % (mean {100 * doc['cost_fraction']['mean']:.1f} %) of its "
