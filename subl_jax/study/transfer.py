@@ -269,8 +269,8 @@ def verdict(data: TransferData, targets: Sequence[str] | None = None, level: flo
       text = (f"{t}: shift not specific to the trait (own student {fmt(diag)} vs base, but {spec_txt}: not "
               f"significantly more than other teachers' students move {t})")
     elif spec_ok:
-      text = (f"{t}: not transfer (own student {fmt(diag)} vs base, not significant; {spec_txt} comes from other "
-              f"teachers' students moving {t} down)")
+      text = (f"{t}: not transfer (own student {fmt(diag)} vs base, not significantly above 0; {spec_txt} comes "
+              f"from other teachers' students moving {t} down more)")
     else:
       text = f"{t}: not significant ({spec_txt}; own student {fmt(diag)} vs base)"
     if t in strength and not strength[t]["significant"]:
