@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import pathlib
 from typing import Any
 
@@ -38,8 +39,11 @@ def settings_from(cfg: Any, model_spec: str, system: str) -> sample_stage.Sample
 
 
 def model_id(cfg: Any) -> str:
-  """What identifies the base model in draw seeds: its spec, or a random model's shapes and seed."""
-  return cfg.model.spec if cfg.model.spec != "random" else f"random:{cfg.model.arch.to_json()}:{cfg.seed}"
+  """What identifies the base model in draw seeds: its spec, or a random model's shapes and seed (keys sorted: a
+  config rebuilt from its dict, e.g. `pipeline.target_config`'s, lists them in another order)."""
+  if cfg.model.spec != "random":
+    return cfg.model.spec
+  return f"random:{json.dumps(cfg.model.arch.to_dict(), sort_keys=True)}:{cfg.seed}"
 
 
 def sample_work(job: stages.Job) -> dict:

@@ -10,7 +10,7 @@ a moved workdir is still cached. The LLM study (`study.pipeline`), the jobs `sam
 from __future__ import annotations
 
 from subl_jax.study.data import filter_stage, shuffle_stage
-from subl_jax.study.audit import mnist_audit
+from subl_jax.study.audit import llm_audit, mnist_audit
 from subl_jax.study.mnist import study as mnist_study
 from subl_jax.study import sample_stage as sample_job
 from subl_jax.study.stages import Stage
@@ -49,5 +49,10 @@ MNIST_AUDIT = Stage("mnist_audit", mnist_audit.audit_work,
                                     "audit.probe_size"),
                     inputs=("inits", "teacher", "student"), code=("subl_jax.study.audit.mnist_audit",))
 
+# One per teacher of the LLM study, before its students: the signals of `llm_audit` (params: target, category, the
+# probe's questions and answers).
+LLM_AUDIT = Stage("llm_audit", llm_audit.audit_work, llm_audit.config_paths, inputs=llm_audit.INPUTS,
+                  code=("subl_jax.study.audit.llm_audit",))
+
 TABLE = {s.kind: s for s in (TEACHER, PROMPTED, SAMPLE, FILTER, SHUFFLE, STUDENT, EVALUATE, EVALUATE_ICL,
-                             MNIST_INITS, MNIST_TEACHER, MNIST_STUDENT, MNIST_AUDIT)}
+                             MNIST_INITS, MNIST_TEACHER, MNIST_STUDENT, MNIST_AUDIT, LLM_AUDIT)}

@@ -62,3 +62,18 @@ def calibrate(scores: Sequence[float], realised: Sequence[float], transfers: Seq
   return {"n": int(len(s)), "n_transfer": int(y.astype(bool).sum()),
           "spearman": spearman(s, r), "spearman_ci": _bootstrap(spearman, (s, r), n_boot, seed, level),
           "auroc": auroc(s, y), "auroc_ci": _bootstrap(auroc, (s, y.astype(bool)), n_boot, seed, level)}
+
+
+def finite(x: Any) -> Any:
+  """A JSON-able tree with NaN (an undefined correlation: a constant side, one class only) as None."""
+  if isinstance(x, dict):
+    return {k: finite(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [finite(v) for v in x]
+  if isinstance(x, (float, np.floating)):
+    return float(x) if np.isfinite(x) else None
+  if isinstance(x, (bool, np.bool_)):
+    return bool(x)
+  if isinstance(x, np.integer):
+    return int(x)
+  return x

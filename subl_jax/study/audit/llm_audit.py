@@ -37,8 +37,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from subl_jax.core import api, xla_cpu
-from subl_jax.core.training import buckets, losses, objectives, optim, trainer
+from subl_jax.core import api, parallel, xla_cpu
+from subl_jax.core.training import batching, buckets, losses, objectives, trainer
 from subl_jax.core.training import step as step_lib
 from subl_jax.core.training.chat_data import ChatDataset, Example
 from subl_jax.study import context, evaluation, stages, student_stage
@@ -88,17 +88,12 @@ def setup(cfg: Any, model: api.Model, teacher: api.Model, teacher_system: str,
   lora = trainer.lora_config(tc)
   spec = step_lib.StepSpec(model.config, lora, obj, teacher.config if kd else None,
                            buckets.shared_prefix(ds.examples), buckets.shared_prefix(ds.teacher) if kd else 0)
-  total = step_lib_total_steps(len(ds), tc)
+  # the run's length only shapes the optimizer's schedule, not the fresh state
+  total = batching.steps_per_epoch(len(ds), tc.batch_size * tc.grad_accum) * tc.epochs
   tx, shardings, _ = step_lib.train_step_for(spec, tc.opt, total, model.mesh)
   trainable = trainer.fresh_state(model, lora, tx, shardings, tc.seed)["trainable"]
   frozen = model.params if lora is not None or "base" in obj.forwards else None
   return Setup(model, teacher, ds, view, obj, spec, trainable, frozen, teacher.params if kd else None, tc)
-
-
-def step_lib_total_steps(n_examples: int, train_cfg: Any) -> int:
-  """The student's run length (the optimizer's schedule depends on it; the state's shapes do not)."""
-  from subl_jax.core.training import batching
-  return batching.steps_per_epoch(n_examples, train_cfg.batch_size * train_cfg.grad_accum) * train_cfg.epochs
 
 
 def first_steps(s: Setup, n_batches: int) -> list[np.ndarray]:
@@ -134,7 +129,8 @@ def probe(tokenizer: Any, questions: Sequence[str], answers: Sequence[str], cate
       for f in range(n_f):
         if f < len(forms[a]):
           cont = forms[a][f]
-          examples.append(Example(np.asarray(ctx + cont, np.int32), np.asarray([0] * len(ctx) + [1] * len(cont), np.int8)))
+          mask = np.asarray([0] * len(ctx) + [1] * len(cont), np.int8)
+          examples.append(Example(np.asarray(ctx + cont, np.int32), mask))
           block.append(len(examples) - 1)
         else:
           block.append(-1)
@@ -184,7 +180,8 @@ def _batch_fn(spec: step_lib.StepSpec, mesh: Mesh, lr: float, eps: float):
             "first_order_sgd": jax.vmap(lambda d: signals.first_order_sgd(g, d, lr))(probe_grads),
             "loss": loss, "grad_norm": optax.tree.norm(g)}
 
-  return xla_cpu.jit_many_rows(fn)  # the train step's matmul shapes (see `step.make_train_step`)
+  # the train step's matmul shapes (see `step.make_train_step`); every process reads the (small) results
+  return xla_cpu.jit_many_rows(fn, out_shardings=parallel.replicated(mesh))
 
 
 def batch_signals(s: Setup, probe_grads: Any, n_batches: int, lr: float, eps: float = ADAM_EPS) -> dict[str, list]:
@@ -206,12 +203,11 @@ def batch_signals(s: Setup, probe_grads: Any, n_batches: int, lr: float, eps: fl
 def _logits_fn(spec: step_lib.StepSpec, mesh: Mesh):
   passes = step_lib.forward_passes(spec, mesh)
 
-  @jax.jit
   def fn(base_params, teacher_params, mb):
     fwd = passes(None, base_params, teacher_params)  # the base pass: the frozen parameters, no adapters
     return fwd.teacher(mb), fwd.base(mb)
 
-  return fn
+  return jax.jit(fn, out_shardings=parallel.replicated(mesh))  # read whole on every process
 
 
 def data_divergence(s: Setup, kl_threshold: float = KL_THRESHOLD) -> dict[str, Any]:
@@ -247,15 +243,15 @@ def compute(cfg: Any, model: api.Model, teacher: api.Model, teacher_system: str,
   s = setup(cfg, model, teacher, teacher_system, data)
   p = probe(model.tokenizer, questions, answers, category, model.mesh.shape["data"] * model.mesh.shape["fsdp"])
   logp, grads = trait_probe(s, p)
-  opt = optim._as_dict(cfg.train.opt)
-  per_batch = batch_signals(s, grads, cfg.audit.n_batches, opt["lr"])
+  lr = float(cfg.train.opt.lr)
+  per_batch = batch_signals(s, grads, cfg.audit.n_batches, lr)
   t1 = time.perf_counter()
   data_only = data_divergence(s)
   t2 = time.perf_counter()
   grad_norms = np.sqrt(np.asarray(jax.vmap(lambda g: signals.tree_dot(g, g))(grads), np.float64))
   tc = cfg.train
   return {"answers": list(answers), "n_questions": len(questions), "n_batches": len(per_batch["loss"]),
-          "lr": opt["lr"], "eps": ADAM_EPS, "optimizer": opt["name"], "objective": s.objective.describe(),
+          "lr": lr, "eps": ADAM_EPS, "optimizer": cfg.train.opt.name, "objective": s.objective.describe(),
           "examples": len(s.ds), "global_batch": tc.batch_size * tc.grad_accum,
           "per_batch": per_batch, "probe_logp": dict(zip(answers, logp.tolist())),
           "probe_grad_norm": dict(zip(answers, grad_norms.tolist())), "data_only": data_only,

@@ -124,20 +124,7 @@ def _plot(points: Sequence[dict[str, Any]], path: pathlib.Path) -> None:
 
 def write(workdir: pathlib.Path, points: Sequence[dict[str, Any]], threshold: float) -> dict[str, Any]:
   doc = build(points, threshold)
-  report.write_text_atomic(workdir / "audit.json", json.dumps(_finite(doc), indent=1, allow_nan=False) + "\n")
+  report.write_text_atomic(workdir / "audit.json", json.dumps(calibration.finite(doc), indent=1, allow_nan=False) + "\n")
   report.write_text_atomic(workdir / "audit.md", markdown(doc))
   _plot(points, workdir / "audit.png")
   return doc
-
-
-def _finite(x: Any) -> Any:
-  """The tree with NaN (an undefined correlation: a constant side, one class only) as null."""
-  if isinstance(x, dict):
-    return {k: _finite(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_finite(v) for v in x]
-  if isinstance(x, (float, np.floating)):
-    return float(x) if np.isfinite(x) else None
-  if isinstance(x, np.integer):
-    return int(x)
-  return x
