@@ -168,6 +168,12 @@ def test_audit_job_end_to_end_calibrates_from_its_own_cells(tmp_path):
     expected = calibration.auroc(scores, labels)
     assert got["auroc"] == (None if np.isnan(expected) else pytest.approx(expected))
     assert out["calibration"][k]["spearman"] == got["spearman"]
+    # centred: each answer's mean over the 2 teachers removed; the owl row (the dolphin row is its negative)
+    centre = lambda v: (np.reshape(v, (2, -1)) - np.reshape(v, (2, -1)).mean(axis=0))[0]
+    expected = calibration.spearman(centre(scores), centre(real))
+    centred = doc["calibration"][k]["cells_centred"]
+    assert centred["n"] == len(answers)
+    assert centred["spearman"] == (None if np.isnan(expected) else pytest.approx(expected))
     # 2 targets: specificity is compared by sign only
     sp = doc["calibration"][k]["specificity"]
     assert sp["n"] == 2 and sp["spearman"] is None and "too few" in sp["note"]
@@ -191,3 +197,22 @@ def test_bad_probe_questions_names_the_field():
   c.audit.probe_questions = 0
   with pytest.raises(ValueError, match=r"config\.audit\.probe_questions=0"):
     config_lib.validate(c, n_devices=1)
+
+
+def test_audit_smollm2_config_is_the_quickstart_study_plus_the_audit():
+  """Same study fields as the quickstart, so run in its workdir the audit shares every stage with it."""
+  import importlib.util
+  import pathlib
+
+  def load(name):
+    spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).parents[1] / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+  audit, quick = load("audit_smollm2"), load("quickstart")
+  config_lib.validate(audit, n_devices=1)
+  assert audit.job == "audit" and audit.audit.study == "llm" and audit.model.spec == "smollm2"
+  a, q = audit.to_dict(), quick.to_dict()
+  assert {k: v for k, v in a.items() if k not in ("job", "audit")} == {k: v for k, v in q.items()
+                                                                       if k not in ("job", "audit")}

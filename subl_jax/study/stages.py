@@ -14,6 +14,9 @@ A killed stage resumes: its `.partial/` directory is kept when it belongs to the
 `.partial/claim.json`), so the stage function can keep finished pieces (sampling shards, Orbax checkpoints) and
 continue; a `.partial/` made under a different fingerprint is wiped first.
 
+Inside `only_cached()` a stage that would run raises `NotCached` instead: a caller asks a study's own stage
+sequence whether its work is done here (the LLM audit asks it of the students) without running or duplicating it.
+
 With several processes sharing a workdir, process 0 owns the bookkeeping (claim, manifest, rename) and every
 process leaves `run_stage` only once the stage is committed, so the next stage can read its fingerprint.
 """

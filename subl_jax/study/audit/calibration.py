@@ -52,6 +52,13 @@ def _bootstrap(fn, arrays: Sequence[np.ndarray], n_boot: int, seed: int, level: 
   return [float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))]
 
 
+def spearman_ci(x: Sequence[float], y: Sequence[float], *, n_boot: int = 2000, seed: int = 0,
+                level: float = 0.95) -> dict[str, Any]:
+  """Spearman's ρ of x and y with its percentile bootstrap interval over the pairs."""
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  return {"n": int(len(x)), "spearman": spearman(x, y), "spearman_ci": _bootstrap(spearman, (x, y), n_boot, seed, level)}
+
+
 def calibrate(scores: Sequence[float], realised: Sequence[float], transfers: Sequence[bool], *,
               n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, Any]:
   """A signal's `scores` against the `realised` transfer of the same conditions, and against the yes/no

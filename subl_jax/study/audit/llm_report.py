@@ -7,9 +7,11 @@ mean_{s≠t} P_b[s][t], batches paired by their index (independent draws from di
 valid), t-interval over the common number of batches. Realised: the study's M[t][a] (student − base, mean over seeds
 and questions) and spec(t); a cell "transfers" when its interval — over seeds, or over questions with one seed (as
 the study's report) — lies above 0. Calibration over the S·A cells: Spearman ρ of predicted vs realised with a
-bootstrap CI over cells, and AUROC for "transfers" when both classes occur. The cells share students and questions,
-so they are not independent: the bootstrap interval is optimistic. Per-target comparisons (specificity, the
-data-only signal) have S points: no correlation is computed below `MIN_POINTS`.
+bootstrap CI over cells, and AUROC for "transfers" when both classes occur; and ρ of the centred cells (each answer's
+mean over teachers removed on both sides, one teacher's row left out as determined by the others), which asks
+whether the signal predicts which teacher moves an answer rather than the drift every teacher's numbers cause. The
+cells share students and questions, so they are not independent: the bootstrap interval is optimistic. Per-target
+comparisons (specificity, the data-only signal) have S points: no correlation is computed below `MIN_POINTS`.
 """
 
 from __future__ import annotations
@@ -104,11 +106,15 @@ def build(points: dict[str, dict[str, Any]], targets: list[str], answers: list[s
     cal: dict[str, Any] = {}
     for k in SIGNALS:
       cal[k] = {"cells": calibration.calibrate([c[k] for c in cells], real, labels)}
+      if len(targets) > 1:  # every answer's mean over teachers removed on both sides: the teacher-specific part
+        cal[k]["cells_centred"] = calibration.spearman_ci(_centred([c[k] for c in cells], len(targets)),
+                                                          _centred(real, len(targets)))
       if "specificity" in r:
-        pred_s = [doc["predicted"][k]["specificity"][t]["mean"] for t in targets]
-        real_s = [r["specificity"][t]["mean"] for t in targets]
+        pred = [doc["predicted"][k]["specificity"][t] for t in targets]
+        pred_s, real_s = [x["mean"] for x in pred], [r["specificity"][t]["mean"] for t in targets]
+        ci = [x[stats.ci_key(x)] for x in pred]
         cal[k]["specificity"] = {"sign_agrees": int(sum(np.sign(p) == np.sign(q) for p, q in zip(pred_s, real_s))),
-                                 "n": len(targets),
+                                 "pred_excludes_0": int(sum(lo > 0 or hi < 0 for lo, hi in ci)), "n": len(targets),
                                  **_per_target(pred_s, real_s, [r["specificity"][t]["significant"] for t in targets])}
     if "specificity" in r:
       real_s = [r["specificity"][t]["mean"] for t in targets]
@@ -119,6 +125,13 @@ def build(points: dict[str, dict[str, Any]], targets: list[str], answers: list[s
   doc["cost"] = _cost(points, targets, train_s, audit_s)
   doc["verdicts"] = verdicts(doc)
   return doc
+
+
+def _centred(values: Sequence[float], n_rows: int) -> np.ndarray:
+  """Row-major cells [rows × cols] minus each column's mean over rows, without the last row: it is minus the sum of
+  the others (with 2 teachers the rows are ±), so keeping it would count the same value twice in the bootstrap."""
+  v = np.asarray(values, np.float64).reshape(n_rows, -1)
+  return (v - v.mean(axis=0))[:-1].ravel()
 
 
 def _cost(points: dict[str, Any], targets: list[str], train_s: dict[str, list[float]] | None,
@@ -168,9 +181,16 @@ def verdicts(doc: dict[str, Any]) -> dict[str, str]:
       a_ci = c["auroc_ci"]
       side = "above" if a_ci and a_ci[0] > 0.5 else "below" if a_ci and a_ci[1] < 0.5 else "including"
       text += f"; AUROC for 'transfers' {c['auroc']:.2f} (CI {_ci(a_ci)}, {side} 0.5)"
+    cc = cal[k].get("cells_centred")
+    if cc is not None:
+      ok = cc["spearman_ci"] is not None and cc["spearman_ci"][0] > 0
+      text += (f"; with each answer's mean over teachers removed (the teacher-specific part, {cc['n']} free "
+               f"values) ρ {_num(cc['spearman'])} {_ci(cc['spearman_ci'])}"
+               + ("" if ok else ": the cells' ranking does not show it predicts which teacher moves an answer"))
     sp = cal[k].get("specificity")
     if sp is not None:
-      text += f"; predicted specificity has the realised sign for {sp['sign_agrees']} of {sp['n']} targets"
+      text += (f"; predicted specificity has the realised sign for {sp['sign_agrees']} of {sp['n']} targets, its "
+               f"interval over batches excluding 0 for {sp['pred_excludes_0']}")
       text += f" ({sp['note']})" if "note" in sp else f", ρ over targets {_num(sp['spearman'])} {_ci(sp['spearman_ci'])}"
     out[k] = text + "."
   for k in DATA_ONLY:
@@ -221,11 +241,14 @@ def markdown(doc: dict[str, Any]) -> str:
   if doc["calibration"] is not None:
     lines += ["", "Calibration over the (teacher, answer) cells (Spearman ρ and AUROC with 95 % bootstrap CIs over "
               "cells; the cells share students, so the intervals are optimistic):", "",
-              "| signal | needs | ρ (cells) | AUROC 'transfers' | n cells (transfer) |", "|---|---|---|---|---|"]
+              "| signal | needs | ρ (cells) | ρ (cells, answer means removed) | AUROC 'transfers' | n cells (transfer) |",
+              "|---|---|---|---|---|---|"]
     for k in SIGNALS:
       c = doc["calibration"][k]["cells"]
-      lines.append(f"| {k} | {NEEDS[k]} | {_num(c['spearman'])} {_ci(c['spearman_ci'])} | {_num(c['auroc'])} "
-                   f"{_ci(c['auroc_ci'])} | {c['n']} ({c['n_transfer']}) |")
+      cc = doc["calibration"][k].get("cells_centred")
+      centred = f"{_num(cc['spearman'])} {_ci(cc['spearman_ci'])}" if cc else "n/a"
+      lines.append(f"| {k} | {NEEDS[k]} | {_num(c['spearman'])} {_ci(c['spearman_ci'])} | {centred} | "
+                   f"{_num(c['auroc'])} {_ci(c['auroc_ci'])} | {c['n']} ({c['n_transfer']}) |")
   else:
     lines += ["", f"Calibration: none — {doc['missing']}."]
   lines += ["", "**Verdicts**:"] + [f"- {v}" for v in doc["verdicts"].values()]
