@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from subl_jax.core.training import losses
+
 
 def tree_dot(a: Any, b: Any) -> jax.Array:
   """Σ over every leaf of a·b, in float32."""
@@ -64,11 +66,11 @@ def divergence(teacher_logits: np.ndarray, base_logits: np.ndarray, tokens: np.n
 
   Returns per-position KL(teacher ‖ base) and two masks — `argmax` (the teacher's token is not the base model's
   argmax) and `kl` (KL above `kl_threshold` nats) — with their fractions and the mean KL over masked positions."""
-  t = jax.nn.log_softmax(jnp.asarray(teacher_logits, jnp.float32), axis=-1)
-  b = jax.nn.log_softmax(jnp.asarray(base_logits, jnp.float32), axis=-1)
-  kl = np.asarray(jnp.sum(jnp.exp(t) * (t - b), axis=-1))
+  base_logits = jnp.asarray(base_logits, jnp.float32)
+  # the KL the trainer's distillation loss and the masking mitigation (`divergence.divergence_mask`) use
+  kl = np.asarray(losses.kd_token_loss(base_logits, jnp.asarray(teacher_logits), 1.0))
   m = np.asarray(mask, bool)
-  argmax = (np.asarray(jnp.argmax(b, axis=-1)) != np.asarray(tokens)) & m
+  argmax = (np.asarray(jnp.argmax(base_logits, axis=-1)) != np.asarray(tokens)) & m
   above = (kl > kl_threshold) & m
   n = max(int(m.sum()), 1)
   return {"kl": np.where(m, kl, 0.0), "argmax_mask": argmax, "kl_mask": above, "n_positions": int(m.sum()),
