@@ -20,9 +20,9 @@ frameworks, so idle threads of one that spin count against the other).
 
   python benchmarks/training.py [--steps 6] [--batch 16]
 Writes benchmarks/results/training.json (top-level `ratio`: ours / theirs, examples/s, full fine-tuning).
-  (. launch/malloc.env && python benchmarks/training.py --out benchmarks/results/training_malloc_env.json)
-runs it with glibc told to keep freed memory, as `make run` and launch/local.sh do (both frameworks share the process,
-so both get it): XLA:CPU's per-step temporaries are then no longer page-faulted in afresh on every step.
+The benchmark leaves glibc's allocator as it is; `subl_jax.main` keeps freed memory for reuse on CPU
+(`perf.malloc_keep_heap`). `results/training_malloc_env.json` is an earlier run under those settings (then set by the
+environment, `launch/malloc.env`; both frameworks shared the process, so both got them).
 
 On an accelerator (benchmarks/gpu.sh): `--arch llama-3.2-1b --inputs DIR --dtype bfloat16 --one_shape --peak_n 8192`
 trains a Llama-3.2-1B-shaped model (d_model 2048, 16 layers, 32/8 heads, ffn 8192, vocab 128256, tied, RoPE 500000

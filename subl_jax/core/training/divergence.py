@@ -8,11 +8,13 @@ student's), and returns a 0/1 array per example over its loss targets; `ChatData
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from subl_jax.core import api, parallel
 from subl_jax.core.training import buckets, losses, step as step_lib
@@ -31,24 +33,40 @@ def divergence_mask(teacher_logits: jax.Array, base_logits: jax.Array, weights: 
   return mask, jnp.sum(mask), jnp.sum(real.astype(jnp.float32))
 
 
+@functools.lru_cache(maxsize=4)
+def _logits(spec: step_lib.StepSpec, mesh: Mesh) -> Callable:
+  passes = step_lib.forward_passes(spec, mesh)
+
+  def fn(base_params, teacher_params, mb):
+    fwd = passes(None, base_params, teacher_params)  # the base pass: `frozen` without adapters
+    return fwd.teacher(mb), fwd.base(mb)
+
+  return jax.jit(fn, out_shardings=parallel.replicated(mesh))  # every process reads them whole
+
+
+def logits_fn(base: api.Model, teacher: api.Model, ds: ChatDataset) -> Callable:
+  """jit: (base params, teacher params, micro-batch of `ds`) -> (teacher logits, base logits) [b, n, V] at the loss
+  positions, the teacher on its own view; one compile per dataset shape, shared by every caller."""
+  if ds.teacher is None:
+    raise ValueError("divergence needs the dataset's teacher view (chat_data.build(..., teacher_system=...))")
+  spec = step_lib.StepSpec(base.config, teacher_cfg=teacher.config, shared_prefix=buckets.shared_prefix(ds.examples),
+                           teacher_shared_prefix=buckets.shared_prefix(ds.teacher))
+  return _logits(spec, base.mesh)
+
+
 def dataset_masks(base: api.Model, teacher: api.Model, ds: ChatDataset, kl_threshold: float,
                   batch_size: int = 32) -> tuple[list[np.ndarray], dict[str, Any]]:
   """Per example of `ds` (which carries the teacher's view), its divergence mask over its loss targets (uint8
   [n_targets], 1 = a divergence position), and {kl_threshold, masked, positions, fraction} over the dataset."""
-  if ds.teacher is None:
-    raise ValueError("divergence masks need the dataset's teacher view (chat_data.build(..., teacher_system=...))")
+  logits = logits_fn(base, teacher, ds)
   mesh = base.mesh
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
   rows = -(-batch_size // dp) * dp  # the rows of a batch split evenly over the data-parallel devices
-  spec = step_lib.StepSpec(base.config, teacher_cfg=teacher.config, shared_prefix=buckets.shared_prefix(ds.examples),
-                           teacher_shared_prefix=buckets.shared_prefix(ds.teacher))
-  passes = step_lib.forward_passes(spec, mesh)
 
-  @jax.jit(out_shardings=parallel.replicated(mesh))  # every process reads the whole mask
+  @jax.jit
   def masks(base_params, teacher_params, batch):
     mb = jax.tree.map(lambda x: x[0], batch)
-    fwd = passes(None, base_params, teacher_params)  # the base pass: `frozen` without adapters
-    return divergence_mask(fwd.teacher(mb), fwd.base(mb), mb["weights"], kl_threshold)[0]
+    return divergence_mask(*logits(base_params, teacher_params, mb), mb["weights"], kl_threshold)[0]
 
   pad_id = base.tokenizer.pad_id if base.tokenizer.pad_id is not None else 0
   order = np.argsort([len(e.tokens) for e in ds.examples], kind="stable")  # similar lengths together: less padding

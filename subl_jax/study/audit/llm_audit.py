@@ -38,7 +38,7 @@ import optax
 from jax.sharding import Mesh
 
 from subl_jax.core import api, parallel, xla_cpu
-from subl_jax.core.training import batching, buckets, losses, objectives, trainer
+from subl_jax.core.training import batching, buckets, divergence, losses, objectives, trainer
 from subl_jax.core.training import step as step_lib
 from subl_jax.core.training.chat_data import ChatDataset, Example
 from subl_jax.study import context, evaluation, stages, student_stage
@@ -199,23 +199,10 @@ def batch_signals(s: Setup, probe_grads: Any, n_batches: int, lr: float, eps: fl
 
 # --- the data-only signal ----------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=4)
-def _logits_fn(spec: step_lib.StepSpec, mesh: Mesh):
-  passes = step_lib.forward_passes(spec, mesh)
-
-  def fn(base_params, teacher_params, mb):
-    fwd = passes(None, base_params, teacher_params)  # the base pass: the frozen parameters, no adapters
-    return fwd.teacher(mb), fwd.base(mb)
-
-  return jax.jit(fn, out_shardings=parallel.replicated(mesh))  # read whole on every process
-
-
 def data_divergence(s: Setup, kl_threshold: float = KL_THRESHOLD) -> dict[str, Any]:
   """KL(teacher ‖ base) over every completion position of the dataset (`signals.divergence` per micro-batch)."""
   view, tc = s.view, s.train_cfg
-  spec = step_lib.StepSpec(s.model.config, teacher_cfg=s.teacher.config, shared_prefix=buckets.shared_prefix(
-      view.examples), teacher_shared_prefix=buckets.shared_prefix(view.teacher))
-  fn = _logits_fn(spec, s.model.mesh)
+  fn = divergence.logits_fn(s.model, s.teacher, view)
   pad = s.model.tokenizer.pad_id if s.model.tokenizer.pad_id is not None else 0
   lengths = [len(e.tokens) for e in view.examples]
   kl_sum, n, n_argmax, n_kl = 0.0, 0, 0, 0
