@@ -18,10 +18,13 @@ from subl_jax.core.models.config import DTYPES, REMAT_POLICIES
 from subl_jax.core.training import optim
 from subl_jax.core.lora import TARGETS as LORA_TARGETS
 from subl_jax.core.training.losses import KD_TOKENS
+from subl_jax.core.training.mitigations import parts as mitigation_parts
 
 TEACHER_KINDS = ("system_prompt", "finetuned", "jsonl")
 DISTILL_MODES = ("sft", "logit_kd")
 STUDY_CONDITIONS = ("icl", "shuffle_within", "shuffle_across")
+MITIGATIONS = ("project", "mask", "kl_base", "shuffle_within", "shuffle_across")
+MNIST_MITIGATIONS = ("project", "mask", "kl_base", "shuffle_within", "shuffle_across")
 
 AUDIT_STUDIES = ("mnist", "llm")
 
@@ -62,6 +65,8 @@ def defaults() -> mlc.ConfigDict:
       batch_size=0,           # 0 = preset (mnist 1024)
       n_noise=0,              # fixed noise images per model; 0 = preset (mnist 60,000)
       opt=mlc.ConfigDict(dict(optim.DEFAULTS, lr=0.0)),  # lr 0 = preset (mnist Adam 3e-4)
+      mitigations="",         # mitigated auxiliary-logit students (same init), comma-separated: any of
+                              # MNIST_MITIGATIONS; each a stage `student_aux_<m>` and a row of the report
   ))
   c.train = mlc.ConfigDict(dict(  # SFT / LoRA / distillation; defaults: the paper's open-weight recipe (§5)
       data="",                # job 'train': JSONL of {"prompt", "completion"} or {"messages": [...]} rows
@@ -93,6 +98,18 @@ def defaults() -> mlc.ConfigDict:
       temperature=1.0,
       kd_tokens="numbers",    # 'all' (not subliminal: the trait word leaks) | 'topk' | 'numbers' (digits, separators,
       topk=20,                # end-of-turn: the subliminal analogue of the MNIST auxiliary logits)
+      mitigation="",          # issue #21 ('' = none; several composed with '+', e.g. 'mask+kl_base'): 'project' (the gradient off the
+                              # trait probe's when it would raise the trait), 'mask' (divergence tokens out of the
+                              # loss), 'kl_base' (a KL-to-base penalty), 'shuffle_within' | 'shuffle_across' (the
+                              # numbers shuffled, as the study's conditions); settings in the `mitigation` section
+  ))
+  c.mitigation = mlc.ConfigDict(dict(  # settings of `distill.mitigation` (LLM) and `mnist.mitigations`; shared
+                                       # by the study's mitigated conditions
+      kl_weight=1.0,          # kl_base: loss + weight · Σ KL(base ‖ student) over the loss positions
+      kl_until_step=0,        # kl_base: only at steps < this (0 = every step)
+      mask_threshold=0.5,     # mask: nats of KL(teacher ‖ base) above which a completion position is masked
+      probe_questions=5,      # project: the trait probe's questions (the evaluation's first n; its answer forms)
+      quality_prompts=64,     # study.mitigations: held-out number prompts per teacher for "quality kept"
   ))
   c.sample = mlc.ConfigDict(dict(  # job 'sample': the teacher's number completions (then the `filter` stage)
       n_prompts=30000,        # the paper's prompt count (docs/protocol.md §2)
@@ -139,6 +156,8 @@ def defaults() -> mlc.ConfigDict:
       targets="",             # comma-separated traits, one teacher each ('' = teacher.target alone: no specificity)
       seeds=1,                # trainings per student (train.seed + i: data order, adapter init); samples stay fixed
       conditions="",          # null conditions beside the students: any of 'icl', 'shuffle_within', 'shuffle_across'
+      mitigations="",         # mitigated students beside the unmitigated ones, one condition each: any of
+                              # MITIGATIONS, or several joined by '+' (composed), comma-separated
   ))
   c.lock()
   return c
@@ -235,6 +254,21 @@ def _validate_training(full: mlc.ConfigDict) -> None:
   _require(te.epochs > 0, "teacher.epochs", "a positive integer", te.epochs)
   _require(te.lr >= 0, "teacher.lr", "a learning rate >= 0 (0 = train.opt.lr)", te.lr)
   d = full.distill
+  for m in ([d.mitigation] if d.mitigation else []) + [x.strip() for x in full.study.mitigations.split(",") if x.strip()]:
+    field = "distill.mitigation" if m == d.mitigation else "study.mitigations"
+    parts = mitigation_parts(m)
+    _require(bool(parts) and set(parts) <= set(MITIGATIONS) and len(set(parts)) == len(parts)
+             and sum(p.startswith("shuffle_") for p in parts) <= 1, field,
+             f"mitigations of {MITIGATIONS} joined by '+' (at most one shuffle), e.g. 'mask+kl_base'", m)
+  mi = full.mitigation
+  _require(mi.kl_weight >= 0, "mitigation.kl_weight", "a weight >= 0", mi.kl_weight)
+  _require(mi.kl_until_step >= 0, "mitigation.kl_until_step", "steps >= 0 (0 = every step)", mi.kl_until_step)
+  _require(mi.mask_threshold >= 0, "mitigation.mask_threshold", "nats >= 0", mi.mask_threshold)
+  _require(mi.probe_questions > 0, "mitigation.probe_questions", "a positive integer", mi.probe_questions)
+  _require(mi.quality_prompts > 0, "mitigation.quality_prompts", "a positive integer", mi.quality_prompts)
+  mm = [x.strip() for x in full.mnist.mitigations.split(",") if x.strip()]
+  _require(set(mm) <= set(MNIST_MITIGATIONS) and len(set(mm)) == len(mm), "mnist.mitigations",
+           f"a comma-separated subset of {MNIST_MITIGATIONS}", full.mnist.mitigations)
   _require(d.mode in DISTILL_MODES, "distill.mode", f"one of {DISTILL_MODES}", d.mode)
   _require(d.temperature > 0, "distill.temperature", "a temperature > 0", d.temperature)
   _require(d.kd_tokens in KD_TOKENS, "distill.kd_tokens", f"one of {KD_TOKENS}", d.kd_tokens)

@@ -17,6 +17,7 @@ import numpy as np
 from scipy.special import logsumexp
 
 from subl_jax.core import sampling, scoring
+from subl_jax.core.training.chat_data import Example
 from subl_jax.study import stats
 from subl_jax.study.data import numbers
 
@@ -74,6 +75,16 @@ def probe_tokens(tokenizer: Any, questions: Sequence[str], candidates: Sequence[
   contexts = [tokenizer.encode(tokenizer.render_chat(_messages(q, system)) + ANSWER_PREFIX[category])
               for q in questions]
   return contexts, {cand: [tokenizer.encode(f) for f in surface_forms(cand)] for cand in candidates}
+
+
+def probe_examples(tokenizer: Any, questions: Sequence[str], answer: str, category: str = "animal",
+                   system: str | None = None) -> list[Any]:
+  """The log-probability metric's sequences of `answer` as training examples: per question and surface form, the
+  context (`probe_tokens`) followed by the form, whose tokens are the only targets. A model's mean log-likelihood of
+  them is the trait probe that gradient projection (issue #21) differentiates."""
+  contexts, forms = probe_tokens(tokenizer, questions, [answer], category, system)
+  return [Example(np.asarray(ctx + form, np.int32), np.asarray([0] * len(ctx) + [1] * len(form), np.int8))
+          for ctx in contexts for form in forms[answer]]
 
 
 def answer_probs(model: Any, questions: Sequence[str], candidates: Sequence[str], category: str = "animal",

@@ -25,7 +25,7 @@ its checkpoints), and `--stage=NAME` runs the stages up to NAME and stops.
 from __future__ import annotations
 
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import ml_collections as mlc
 from jax.sharding import Mesh
@@ -34,7 +34,8 @@ from subl_jax.study import stage_table as table
 from subl_jax.study import stages
 from subl_jax.study.data import filter_stage, shuffle_stage
 from subl_jax.study import sample_stage as sample_job
-from subl_jax.study import context, evaluate_stage, study_report
+from subl_jax.study import context, evaluate_stage, quality_stage, student_stage, study_report
+from subl_jax.core.training.mitigations import parts as mitigation_parts
 
 STEPS = ("teacher", "sample", "filter", "student", "evaluate", "report")
 CONDITIONS = ("icl", "shuffle_within", "shuffle_across")
@@ -65,6 +66,51 @@ def seed_config(cfg: mlc.ConfigDict, seed: int) -> mlc.ConfigDict:
   return c
 
 
+def mitigations(cfg: mlc.ConfigDict) -> list[str]:
+  return [m.strip() for m in cfg.study.mitigations.split(",") if m.strip()]
+
+
+def variants(cfg: mlc.ConfigDict) -> dict[str, str]:
+  """Every student variant of a target: {name: its `distill.mitigation`}: '' the student itself (`distill.mitigation`
+  as configured), then the shuffled-numbers conditions and `study.mitigations` (a shuffle listed in both is one)."""
+  out = {"": cfg.distill.mitigation}
+  out.update({c: c for c in conditions(cfg) if c.startswith("shuffle_")})
+  out.update({m: m for m in mitigations(cfg)})
+  return out
+
+
+def student_data(run: Callable[..., pathlib.Path], cfg: mlc.ConfigDict, data: pathlib.Path, target: str,
+                 shuffles: dict[str, pathlib.Path] | None = None) -> pathlib.Path:
+  """The data a student of `cfg` trains on: `data`, or for a shuffling mitigation (`distill.mitigation`) the same
+  rows through the `shuffle` stage (`shuffle_<mode>_<target>`, seeded by `seed`; recorded in `shuffles`)."""
+  shuffle = [p for p in mitigation_parts(cfg.distill.mitigation) if p.startswith("shuffle_")]
+  if not shuffle:
+    return data
+  mode = shuffle[0].removeprefix("shuffle_")
+  out = run(table.SHUFFLE, cfg, f"shuffle_{mode}_{target}", {"data": data}, mode=mode, seed=cfg.seed)
+  if shuffles is not None:
+    shuffles[f"{mode}_{target}"] = out
+  return out / shuffle_stage.SHUFFLED
+
+
+def quality(run: Callable[..., pathlib.Path], cfg: mlc.ConfigDict, teachers: dict[str, pathlib.Path],
+            base: pathlib.Path, students: dict[str, list[pathlib.Path]]) -> dict[str, list[pathlib.Path]]:
+  """The quality stages of a study with mitigations: per teacher its held-out numbers (`heldout_<t>`), then the base
+  and every student of that teacher (each variant, each seed) on them; {"<t>:base" or student key: stage dirs}."""
+  held = quality_stage.heldout_config(cfg)
+  out: dict[str, list[pathlib.Path]] = {}
+  for t, tdir in teachers.items():
+    sample = run(table.SAMPLE, held, f"heldout_sample_{t}", {"teacher": tdir},
+                 identity=f"{sample_job.model_id(cfg)}:{t}")
+    data = run(table.FILTER, held, f"heldout_{t}", {"samples": sample}) / filter_stage.FILTERED
+    inputs = {"teacher": tdir, "data": data}
+    out[f"{t}:base"] = [run(table.QUALITY, cfg, f"quality_base_{t}", inputs | {"model": base})]
+    for key, dirs in students.items():
+      if key.split(":")[0] == t:
+        out[key] = [run(table.QUALITY, cfg, f"quality_{d.name}", inputs | {"model": d}) for d in dirs]
+  return out
+
+
 def run_study(cfg: mlc.ConfigDict, workdir: str | pathlib.Path, mesh: Mesh, stop: str = "",
               ctx: context.Context | None = None) -> dict[str, Any]:
   """Runs every stage up to `stop` (default: all, then the report); returns the report (or the stage dirs so far).
@@ -75,7 +121,7 @@ def run_study(cfg: mlc.ConfigDict, workdir: str | pathlib.Path, mesh: Mesh, stop
   ctx = ctx or context.Context(cfg, mesh, sample_job.local_mesh(cfg, mesh))
   names, conds = targets(cfg), conditions(cfg)
   sft = cfg.distill.mode == "sft"
-  done: dict[str, Any] = {"targets": names, "conditions": conds}
+  done: dict[str, Any] = {"targets": names, "conditions": conds, "mitigations": mitigations(cfg)}
 
   def run(stage: stages.Stage, c: mlc.ConfigDict, name: str, inputs: dict, **params: Any) -> pathlib.Path:
     return stages.run(stage, c, workdir, name, inputs, params, ctx=ctx)
@@ -102,16 +148,14 @@ def run_study(cfg: mlc.ConfigDict, workdir: str | pathlib.Path, mesh: Mesh, stop
   shuffles: dict[str, pathlib.Path] = {}
   for seed in range(cfg.study.seeds):
     for t in names:
-      c = seed_config(tcfg[t], seed)
-      kd_teacher = {} if sft else {"teacher": teachers[t]}
-      students.setdefault(t, []).append(run(table.STUDENT, c, f"student_{t}_s{seed}", {"data": data[t]} | kd_teacher))
-      for cond in (x for x in conds if x.startswith("shuffle_")):
-        mode = cond.removeprefix("shuffle_")
-        shuffled = shuffles[f"{mode}_{t}"] = run(table.SHUFFLE, cfg, f"shuffle_{mode}_{t}", {"data": data[t]},
-                                                 mode=mode, seed=cfg.seed)
-        students.setdefault(f"{t}:{cond}", []).append(run(
-            table.STUDENT, c, f"student_{t}_{cond}_s{seed}",
-            {"data": shuffled / shuffle_stage.SHUFFLED} | kd_teacher))
+      for variant, mitigation in variants(cfg).items():  # '' is the unmitigated student
+        c = seed_config(tcfg[t], seed)
+        c.distill.mitigation = mitigation
+        inputs = {"data": student_data(run, c, data[t], t, shuffles)}
+        if "teacher" in student_stage.input_roles(c):
+          inputs["teacher"] = teachers[t]
+        name = f"student_{t}_{variant}_s{seed}" if variant else f"student_{t}_s{seed}"
+        students.setdefault(f"{t}:{variant}" if variant else t, []).append(run(table.STUDENT, c, name, inputs))
     if sft:
       students.setdefault("control", []).append(run(table.STUDENT, seed_config(cfg, seed), f"control_s{seed}",
                                                     {"data": data["base"]}))
@@ -135,6 +179,8 @@ def run_study(cfg: mlc.ConfigDict, workdir: str | pathlib.Path, mesh: Mesh, stop
       evals[f"{t}:icl"] = [run(table.EVALUATE_ICL, cfg, f"eval_icl_{t}", {"model": base, "examples": data[t]},
                                system="", **common)]
   done["evaluate"] = evals
+  if mitigations(cfg):
+    done["quality"] = quality(run, cfg, teachers, base, students)
   if stop == "evaluate":
     return done
   return study_report.write(cfg, workdir, done)

@@ -17,7 +17,7 @@ from subl_jax.study.stages import Stage
 from subl_jax.study import evaluate_stage
 from subl_jax.study.context import MODEL_OUTPUTS
 from subl_jax.core.training import export
-from subl_jax.study import student_stage, teacher_stage
+from subl_jax.study import quality_stage, student_stage, teacher_stage
 
 TEACHER = Stage("teacher", teacher_stage.work, teacher_stage.config_paths,
                 code=("subl_jax.study.teacher_stage",), cleanup=(export.TRAIN_CHECKPOINTS,))
@@ -32,6 +32,9 @@ EVALUATE = Stage("evaluate", evaluate_stage.work, MODEL_OUTPUTS + ("eval",), inp
                  code=("subl_jax.study.evaluate_stage",))
 EVALUATE_ICL = Stage("evaluate_icl", evaluate_stage.work, MODEL_OUTPUTS + ("eval",), inputs=("model", "examples"),
                      code=("subl_jax.study.evaluate_stage",))
+# What a model is distilled for, on held-out numbers (issue #21): KL to the teacher, the filter's keep rate of its own
+QUALITY = Stage("quality", quality_stage.work, MODEL_OUTPUTS + ("train.max_len", "train.system", "sample"),
+                inputs=("model", "teacher", "data"), code=("subl_jax.study.quality_stage",))
 
 MNIST_CODE = ("subl_jax.study.mnist.study",)
 MNIST_MODELS = ("seed",) + tuple(f"mnist.{f}" for f in ("dataset", "data_dir", "n_models", "n_aux", "hidden",
@@ -54,5 +57,5 @@ MNIST_AUDIT = Stage("mnist_audit", mnist_audit.audit_work,
 LLM_AUDIT = Stage("llm_audit", llm_audit.audit_work, llm_audit.config_paths, inputs=llm_audit.INPUTS,
                   code=("subl_jax.study.audit.llm_audit",))
 
-TABLE = {s.kind: s for s in (TEACHER, PROMPTED, SAMPLE, FILTER, SHUFFLE, STUDENT, EVALUATE, EVALUATE_ICL,
+TABLE = {s.kind: s for s in (TEACHER, PROMPTED, SAMPLE, FILTER, SHUFFLE, STUDENT, EVALUATE, EVALUATE_ICL, QUALITY,
                              MNIST_INITS, MNIST_TEACHER, MNIST_STUDENT, MNIST_AUDIT, LLM_AUDIT)}

@@ -20,7 +20,7 @@ import ml_collections as mlc
 import numpy as np
 
 from subl_jax.study import report, stages, stats
-from subl_jax.study import evaluate_stage, transfer
+from subl_jax.study import evaluate_stage, mitigation_report, transfer
 from subl_jax.core.training import export
 
 
@@ -79,12 +79,17 @@ def write(cfg: mlc.ConfigDict, workdir: pathlib.Path, dirs: dict[str, Any]) -> d
     doc["student_minus_control"] = _minus_control(evals, targets)
   doc["null_conditions"] = {c: _condition_stats(_data(evals, targets, f":{c}", answers, base, teachers), targets)
                        for c in conds}
+  mits = dirs.get("mitigations", [])
+  if mits:
+    doc["mitigations"] = mitigation_report.section(
+        main, {m: _data(evals, targets, f":{m}", answers, base, teachers) for m in mits}, dirs["quality"],
+        _condition_stats)
   doc["filter"] = {d.name: stages.read_manifest(d)["summary"] for d in dirs["filter"].values()}
   trained = [d for d in _flat(dirs["teacher"]) + _flat(dirs["student"]) if "train" in export.read_info(d)]
   doc["training"] = {d.name: _training(d) for d in trained}
-  doc["wall_s"] = {d.name: stages.read_manifest(d)["wall_s"] for d in _flat({k: v for k, v in dirs.items()
-                                                                             if k not in ("targets", "conditions")})}
-  rows = _table(evals, targets, answers, conds)
+  stage_dirs = {k: v for k, v in dirs.items() if k not in ("targets", "conditions", "mitigations")}
+  doc["wall_s"] = {d.name: stages.read_manifest(d)["wall_s"] for d in _flat(stage_dirs)}
+  rows = _table(evals, targets, answers, conds + [m for m in mits if m not in conds])
   title = f"Subliminal transfer over {', '.join(targets)} ({cfg.distill.mode} student, {cfg.study.seeds} seed(s))"
   md = report.write_report(workdir, rows, title, extra=doc, notes=_notes(doc),
                            plot_fn=lambda path: _plot(doc, rows, path, title))
@@ -176,6 +181,7 @@ def _notes(doc: dict[str, Any]) -> list[str]:
     else:
       row = cs["matrix"]["over_seeds"][0][0]
       lines.append(f"\nCondition {c}: Δ log P({targets[0]}) {_fmt(row)}")
+  lines += mitigation_report.notes(doc.get("mitigations", {}))
   if "kd_note" in doc:
     lines.append(f"\nDistillation: {doc['kd_note']}. Control: {doc['control']}.")
   lines += ["", "Numbers: " + "; ".join(

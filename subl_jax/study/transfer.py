@@ -277,3 +277,35 @@ def verdict(data: TransferData, targets: Sequence[str] | None = None, level: flo
       text += f"; {strength[t]['note']}"
     out[t] = text + "."
   return out
+
+
+def removed_fraction(plain: TransferData, mitigated: TransferData, n_boot: int = 2000, seed: int = 0,
+                     level: float = 0.95) -> dict[str, Any]:
+  """How much of the specific transfer a mitigation removed: 1 − S_m / S_0, S the mean specificity over the traits
+  of the unmitigated (`plain`) and the mitigated students (same traits, answers, seeds, questions, base).
+
+  "difference": S_0 − S_m per seed (seed k of both pairs), t-interval over seeds. "removed": the ratio, with a
+  percentile bootstrap interval that resamples seeds (one set of indices for both conditions) and questions (one set
+  for every model), PCG64(seed); draws where S_0 ≤ 0 (nothing to remove) are left out and counted. The ratio means
+  something only when S_0 is significantly positive ("plain_significant"); 100 % is all of it removed, > 100 % the
+  trait pushed below the other targets' level, < 0 transfer made stronger."""
+  if plain.traits != mitigated.traits or plain.answers != mitigated.answers or \
+      plain.student.shape != mitigated.student.shape:
+    raise ValueError("removed_fraction: the two conditions need the same traits, answers, seeds and questions")
+  diffs = [np.stack([np.subtract(*_spec_terms(d, t)) for t in d.traits]).mean(axis=0) for d in (plain, mitigated)]
+  s0, sm = diffs  # [K, Q]: per seed and question, the mean over traits of own − others
+  n_k, n_q = s0.shape
+  rng = np.random.Generator(np.random.PCG64(seed))
+  q_idx, k_idx = rng.integers(0, n_q, (n_boot, n_q)), rng.integers(0, n_k, (n_boot, n_k))
+  b0 = np.array([s0[np.ix_(k, q)].mean() for k, q in zip(k_idx, q_idx)])
+  bm = np.array([sm[np.ix_(k, q)].mean() for k, q in zip(k_idx, q_idx)])
+  ok = b0 > 0
+  ratio = 1 - bm[ok] / b0[ok]
+  lo_q, hi_q = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+  plain_s = mean_specificity(plain, level=level)
+  return {"removed": {"mean": _num(1 - sm.mean() / s0.mean()) if s0.mean() > 0 else None,
+                      stats.ci_name(level): [_num(np.percentile(ratio, lo_q)), _num(np.percentile(ratio, hi_q))]
+                      if ratio.size else [None, None], "n_boot": n_boot, "n_left_out": int((~ok).sum())},
+          "difference": stats.mean_ci(s0.mean(axis=1) - sm.mean(axis=1), level),
+          "plain": plain_s["over_seeds"], "mitigated": mean_specificity(mitigated, level=level)["over_seeds"],
+          "plain_significant": _significant_positive(plain_s["over_seeds"] | {"p": plain_s["paired"]["p"]}, level)}

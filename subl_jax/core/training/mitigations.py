@@ -26,6 +26,11 @@ import optax
 from subl_jax.core.training import losses
 from subl_jax.core.training.objectives import Forward, MicroBatch, Objective
 
+def parts(spec: str) -> list[str]:
+  """The mitigations composed in one config value, joined by '+' ('mask+kl_base' -> ['mask', 'kl_base'])."""
+  return [p.strip() for p in spec.split("+") if p.strip()]
+
+
 MASK_KEY = "mitigation_mask"  # [b, n] in a micro-batch: 1 = drop this loss position (`MaskPositions`)
 
 

@@ -1,0 +1,95 @@
+"""Mitigations as student options and study conditions (issue #21) on a tiny random model: the stages they add,
+what each trains with, the report's removed / kept table; and the statistics behind it against hand-computed values."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from subl_jax import config
+from subl_jax.core import parallel
+from subl_jax.study import pipeline, quality_stage, stages, transfer
+from subl_jax.study import student_stage
+from subl_jax.core.training import mitigations, objectives
+
+from test_study import tiny_study
+
+TARGETS = ("owl", "dolphin")
+
+
+def test_a_study_with_mitigations_trains_each_beside_the_plain_student_and_reports_removed_and_kept(tmp_path):
+  cfg, mesh = tiny_study(), parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  cfg.study.update(dict(conditions="shuffle_within", mitigations="mask+kl_base,project,shuffle_within"))
+  cfg.eval.n_samples = 0  # the log-prob metric is what the report reads
+  cfg.mitigation.update(dict(mask_threshold=0.0, probe_questions=2, quality_prompts=4))
+  config.validate(cfg, n_devices=1)
+  doc = pipeline.run_study(cfg, tmp_path, mesh)
+  for t in TARGETS:
+    for k in (0, 1):
+      for v in ("", "_mask+kl_base", "_project", "_shuffle_within"):
+        assert stages.is_complete(tmp_path / f"student_{t}{v}_s{k}"), (t, v, k)
+        assert stages.is_complete(tmp_path / f"quality_student_{t}{v}_s{k}")
+    assert stages.is_complete(tmp_path / f"quality_base_{t}") and stages.is_complete(tmp_path / f"heldout_{t}")
+  # a shuffle listed as a condition and as a mitigation is one student
+  assert not list(tmp_path.glob("*shuffle_within_shuffle_within*"))
+  info = json.loads((tmp_path / "student_owl_mask+kl_base_s0" / "stage.json").read_text())
+  assert info["mitigation"] == "mask+kl_base" and info["mask"]["fraction"] > 0  # threshold 0: KL > 0 almost always
+  assert info["train"]["objective"]["name"] == "KLToBase" and info["train"]["objective"]["inner"]["name"] == \
+      "MaskPositions"
+  assert json.loads((tmp_path / "student_owl_project_s0" / "stage.json").read_text())["train"]["project_off"]
+  plain = json.loads((tmp_path / "student_owl_s0" / "stage.json").read_text())
+  assert "mitigation" not in plain and not plain["train"]["project_off"]
+  q = quality_stage.read(tmp_path / "quality_student_owl_s0")
+  assert q["kl_numbers"] >= 0 and q["kl_all"] >= 0 and 0 <= q["keep_rate"] <= 1 and q["n"] == 4
+  mits = doc["mitigations"]
+  assert set(mits) == {"mask+kl_base", "project", "shuffle_within"}
+  for m in mits.values():
+    assert m["removed"]["difference"]["n"] == 2 and "kept" in m["quality"] and "specificity" in m
+  assert "| mask+kl_base |" in (tmp_path / "report.md").read_text()
+
+
+def test_student_objective_wraps_the_distillation_loss_in_the_loss_side_mitigations():
+  cfg = config.defaults()
+  cfg.distill.mode = "sft"
+  assert student_stage.objective(cfg, None) == objectives.SFT()
+  cfg.distill.mitigation = "kl_base+mask"
+  cfg.mitigation.update(dict(kl_weight=0.5, kl_until_step=3))
+  assert student_stage.objective(cfg, None) == mitigations.KLToBase(mitigations.MaskPositions(objectives.SFT()), 0.5, 3)
+  assert student_stage.input_roles(cfg) == ("data", "teacher")  # masking compares the teacher with the base
+  cfg.distill.mitigation = "project+shuffle_across"
+  assert student_stage.objective(cfg, None) == objectives.SFT() and student_stage.input_roles(cfg) == ("data",)
+  assert "mitigation.probe_questions" in student_stage.config_paths(cfg)
+  cfg.distill.mitigation = ""
+  assert "distill.mitigation" not in student_stage.config_paths(cfg)  # an unmitigated student's fingerprint is as before
+  for bad in ("mask+mask", "shuffle_within+shuffle_across", "kl"):
+    cfg.distill.mitigation = bad
+    with pytest.raises(ValueError, match="distill.mitigation"):
+      config.validate(cfg, n_devices=1)
+
+
+def _data(own_by_seed, other_by_seed, n_q=4):
+  """Two traits a, b; Δ of every student on a and b: own[k] for the diagonal, other[k] off it, constant over q."""
+  k = len(own_by_seed)
+  student = np.zeros((2, k, 2, n_q))
+  for s in range(2):
+    for j in range(k):
+      student[s, j, s] = own_by_seed[j]
+      student[s, j, 1 - s] = other_by_seed[j]
+  return transfer.TransferData(["a", "b"], ["a", "b"], student, np.zeros((2, n_q)))
+
+
+def test_removed_fraction_against_hand_computed_values():
+  plain = _data([0.3, 0.5, 0.4], [0.1, 0.1, 0.1])      # specificity per seed 0.2, 0.4, 0.3: mean 0.3
+  mitigated = _data([0.15, 0.2, 0.1], [0.1, 0.1, 0.1])  # 0.05, 0.1, 0.0: mean 0.05
+  r = transfer.removed_fraction(plain, mitigated, n_boot=500)
+  assert r["removed"]["mean"] == pytest.approx(1 - 0.05 / 0.3)
+  assert r["difference"]["mean"] == pytest.approx(0.25) and r["difference"]["n"] == 3
+  sd = np.std([0.15, 0.3, 0.3], ddof=1)  # per seed: 0.2 - 0.05, 0.4 - 0.1, 0.3 - 0.0
+  assert np.allclose(r["difference"]["ci95"], 0.25 + np.array([-1, 1]) * 4.302652729911275 * sd / np.sqrt(3))
+  lo, hi = r["removed"]["ci95"]
+  assert lo <= r["removed"]["mean"] <= hi and r["plain_significant"]
+  same = transfer.removed_fraction(plain, plain, n_boot=50)
+  assert same["removed"]["mean"] == 0 and same["removed"]["ci95"] == [0, 0]
+  with pytest.raises(ValueError, match="same traits"):
+    transfer.removed_fraction(plain, _data([0.1, 0.2], [0.0, 0.0]))
