@@ -150,6 +150,9 @@ def defaults() -> mlc.ConfigDict:
       probe_size=256,         # labelled images of the MNIST trait probe (its class-logit log-likelihood)
       probe_questions=10,     # llm: the first evaluation questions of the trait probe log P(answer | question)
       transfer_threshold=0.2,  # a student 'transfers' at test accuracy >= this (chance 0.1)
+      monitor_every=0,        # LLM students: the live signals every n steps into train/metrics.jsonl (0 = off;
+                              # study/audit/monitor.py), plotted per condition in the study's monitor.png
+      monitor_layer=0,        # the layer after which the activation shift is read (0 = the middle one)
   ))
   c.perf = mlc.ConfigDict(perf.DEFAULTS)  # platform tuning: 'auto' | 'on' | 'off' per switch (see core/perf.py)
   c.study = mlc.ConfigDict(dict(  # job 'study': teachers -> samples -> filter -> students -> evaluation -> report
@@ -227,6 +230,8 @@ def validate(cfg: mlc.ConfigDict, n_devices: int | None = None) -> None:
            "comma-separated positive integers (e.g. '1,3,10')", au.n_aux)
   for field in ("n_batches", "probe_size", "probe_questions"):
     _require(au[field] > 0, f"audit.{field}", "a positive integer", au[field])
+  _require(au.monitor_every >= 0, "audit.monitor_every", "steps >= 0 (0 = off)", au.monitor_every)
+  _require(au.monitor_layer >= 0, "audit.monitor_layer", "a layer >= 0 (0 = the middle one)", au.monitor_layer)
   _require(0 < au.transfer_threshold < 1, "audit.transfer_threshold", "an accuracy in (0, 1)", au.transfer_threshold)
   _validate_training(full)
   _validate_sampling(full)

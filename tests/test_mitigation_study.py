@@ -4,6 +4,7 @@ what each trains with, the report's removed / kept table; and the statistics beh
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -93,3 +94,53 @@ def test_removed_fraction_against_hand_computed_values():
   assert same["removed"]["mean"] == 0 and same["removed"]["ci95"] == [0, 0]
   with pytest.raises(ValueError, match="same traits"):
     transfer.removed_fraction(plain, _data([0.1, 0.2], [0.0, 0.0]))
+
+
+def test_mnist_mitigations_train_one_stage_each_and_report_removed_and_kept(tmp_path):
+  """Every MNIST mitigation as a stage of the study, on 4 small models; projection with the probe's own gradient
+  removes that direction (tested at the step in test_mitigations), masking at threshold 0 drops every image with any
+  divergence (so that student stays at its init), and the report carries the removed / kept table."""
+  from subl_jax.study.mnist import mitigate, study as mnist_study
+  cfg = config.defaults()
+  cfg.job = "mnist_aux"
+  cfg.mnist.update(dict(dataset="digits", n_models=4, hidden=16, teacher_epochs=1, student_epochs=1, n_noise=256,
+                        mitigations=",".join(mitigate.KINDS)))
+  cfg.audit.probe_size = 32
+  cfg.mitigation.mask_threshold = 0.0  # every image where teacher and init differ at all
+  config.validate(cfg, n_devices=1)
+  mesh = parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  out = mnist_study.run_mnist_aux(cfg, tmp_path, mesh)
+  doc = json.loads((tmp_path / "report.json").read_text())
+  rows = doc["mitigations"]
+  assert set(rows) == {f"student_aux_{k}" for k in mitigate.KINDS} | {"cross_init_aux"}
+  for r in rows.values():
+    assert r["accuracy"]["n"] == 4 and {"removed", "kept_noise", "kept_test"} <= set(r)
+  s = mnist_study.make_setup(cfg.mnist, cfg.seed, mesh)
+  plain = mnist_study.load_params(s, tmp_path / "student_aux")
+  for k in mitigate.KINDS:  # each mitigation trained something different from the plain student
+    other = mnist_study.load_params(s, tmp_path / f"student_aux_{k}")
+    assert not np.allclose(other["out"]["kernel"], plain["out"]["kernel"]), k
+  mask = json.loads((tmp_path / "student_aux_mask" / "mask.json").read_text())
+  assert mask["masked_fraction"] > 0.99
+  assert "Mitigations of the same-init" in (tmp_path / "report.md").read_text() and out["conditions"]
+
+
+def test_mnist_shuffles_keep_the_teachers_outputs_and_lose_their_pairing():
+  """shuffle_within permutes each image's m teacher probabilities (same multiset), shuffle_across pairs image i with
+  the teacher's outputs on image i + n/2 + 1; the plain loss is recovered at zero distance."""
+  from subl_jax.study.mnist import mitigate
+  from subl_jax.study.mnist.model import AuxMLP, init_stacked
+  model, d_in, n = AuxMLP(hidden=8, n_aux=3), 4, 10
+  keys = jax.random.split(jax.random.key(0), 3)
+  student, teacher = (jax.tree.map(lambda x: x[0], init_stacked(model, k[None], d_in)) for k in keys[:2])
+  pm = {"teacher": teacher, "init": student, "noise_key": keys[2]}
+  idx, w = jnp.arange(4), jnp.ones(4)
+  losses = {k: float(mitigate.loss_fn(model, d_in, mitigate.Settings(k, n_noise=n))(student, idx, w, pm, None))
+            for k in ("project", "shuffle_within", "shuffle_across")}
+  assert len(set(losses.values())) == 3
+  assert float(mitigate.loss_fn(model, d_in, mitigate.Settings("shuffle_within", n_noise=n))(
+      teacher, idx, w, {**pm, "teacher": teacher}, None)) > 0  # its own outputs, permuted: no longer a match
+  assert float(mitigate.loss_fn(model, d_in, mitigate.Settings("project", n_noise=n))(
+      teacher, idx, w, {**pm, "teacher": teacher}, None)) == pytest.approx(0, abs=1e-6)
+  kl_base = mitigate.loss_fn(model, d_in, mitigate.Settings("kl_base", kl_weight=2.0, n_noise=n))
+  assert float(kl_base(student, idx, w, pm, None)) == pytest.approx(losses["project"], rel=1e-5)  # at the init: 0

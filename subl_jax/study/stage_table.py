@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from subl_jax.study.data import filter_stage, shuffle_stage
 from subl_jax.study.audit import llm_audit, mnist_audit
-from subl_jax.study.mnist import study as mnist_study
+from subl_jax.study.mnist import mitigate as mnist_mitigate, study as mnist_study
 from subl_jax.study import sample_stage as sample_job
 from subl_jax.study.stages import Stage
 from subl_jax.study import evaluate_stage
@@ -46,6 +46,10 @@ MNIST_TEACHER = Stage("mnist_teacher", mnist_study.teacher_work,
 MNIST_STUDENT = Stage("mnist_student", mnist_study.student_work,
                       MNIST_MODELS + ("mnist.student_epochs", "mnist.batch_size", "mnist.n_noise", "mnist.opt"),
                       inputs=("inits", "teacher"), code=MNIST_CODE)
+MNIST_MITIGATED = Stage("mnist_mitigated", mnist_mitigate.mitigated_work,
+                        MNIST_MODELS + ("mnist.student_epochs", "mnist.batch_size", "mnist.n_noise", "mnist.opt",
+                                        "mitigation.mask_threshold", "mitigation.kl_weight", "audit.probe_size"),
+                        inputs=("inits", "teacher"), code=("subl_jax.study.mnist.mitigate",))
 
 MNIST_AUDIT = Stage("mnist_audit", mnist_audit.audit_work,
                     MNIST_MODELS + ("mnist.batch_size", "mnist.n_noise", "mnist.opt", "audit.n_batches",
@@ -58,4 +62,4 @@ LLM_AUDIT = Stage("llm_audit", llm_audit.audit_work, llm_audit.config_paths, inp
                   code=("subl_jax.study.audit.llm_audit",))
 
 TABLE = {s.kind: s for s in (TEACHER, PROMPTED, SAMPLE, FILTER, SHUFFLE, STUDENT, EVALUATE, EVALUATE_ICL, QUALITY,
-                             MNIST_INITS, MNIST_TEACHER, MNIST_STUDENT, MNIST_AUDIT, LLM_AUDIT)}
+                             MNIST_INITS, MNIST_TEACHER, MNIST_STUDENT, MNIST_MITIGATED, MNIST_AUDIT, LLM_AUDIT)}

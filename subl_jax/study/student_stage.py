@@ -45,6 +45,8 @@ KD_NOTES = {
 MITIGATION_FIELDS = {"project": ("mitigation.probe_questions", "teacher.target", "teacher.category"),
                      "mask": ("mitigation.mask_threshold",),
                      "kl_base": ("mitigation.kl_weight", "mitigation.kl_until_step")}
+MONITOR_FIELDS = ("audit.monitor_every", "audit.monitor_layer", "audit.probe_questions", "study.targets",
+                  "eval.candidates", "teacher.category")
 
 
 def objective(cfg: mlc.ConfigDict, tokenizer) -> objectives.Objective:
@@ -70,12 +72,20 @@ def config_paths(cfg: mlc.ConfigDict) -> tuple[str, ...]:
   parts = mitigation_parts(cfg.distill.mitigation)
   mitigation = (("distill.mitigation",) + tuple(f for p in parts for f in MITIGATION_FIELDS.get(p, ()))
                 if parts else ())
-  return ("model", "seed", "train") + (kd if cfg.distill.mode == "logit_kd" else ()) + mitigation
+  monitor = MONITOR_FIELDS if cfg.audit.monitor_every else ()
+  return ("model", "seed", "train") + (kd if cfg.distill.mode == "logit_kd" else ()) + mitigation + monitor
 
 
 def input_roles(cfg: mlc.ConfigDict) -> tuple[str, ...]:
-  needs_teacher = cfg.distill.mode == "logit_kd" or "mask" in mitigation_parts(cfg.distill.mitigation)
+  needs_teacher = (cfg.distill.mode == "logit_kd" or "mask" in mitigation_parts(cfg.distill.mitigation)
+                   or cfg.audit.monitor_every > 0)
   return ("data", "teacher") if needs_teacher else ("data",)
+
+
+def monitor_answers(cfg: mlc.ConfigDict) -> list[str]:
+  """The answers the live monitor reads: the study's targets, then the category's other candidates."""
+  targets = [t.strip() for t in cfg.study.targets.split(",") if t.strip()] or [cfg.teacher.target]
+  return evaluate_stage.candidates(targets, cfg.teacher.category, cfg.eval.candidates)
 
 
 def dataset(cfg: mlc.ConfigDict, tokenizer, data: str | pathlib.Path,
@@ -111,8 +121,14 @@ def work(job: stages.Job) -> dict:
     ds = dataclasses.replace(ds, drop=masks, teacher=ds.teacher if kd else None)
   obj = objective(cfg, model.tokenizer)
   probe = trait_probe(cfg, model.tokenizer) if "project" in parts else None
+  monitor = None
+  if cfg.audit.monitor_every:  # deferred import: the audit builds on this module
+    from subl_jax.study.audit import monitor as monitor_lib
+    qs = evaluate_stage.questions(cfg.teacher.category, cfg.audit.probe_questions)
+    monitor = (cfg.audit.monitor_every, monitor_lib.live_signals(cfg, model, teacher, teacher_system, data, qs,
+                                                                 monitor_answers(cfg), cfg.teacher.category))
   result = trainer.train(model, ds, cfg.train, out / export.TRAIN_DIR, objective=obj, teacher=teacher if kd else None,
-                         probe=probe, progress=ctx.progress)
+                         probe=probe, progress=ctx.progress, monitor=monitor)
   info["train"] = result.summary
   if parts:
     info["mitigation"] = cfg.distill.mitigation

@@ -20,7 +20,7 @@ import ml_collections as mlc
 import numpy as np
 
 from subl_jax.study import report, stages, stats
-from subl_jax.study import evaluate_stage, mitigation_report, transfer
+from subl_jax.study import evaluate_stage, mitigation_report, monitor_plot, transfer
 from subl_jax.core.training import export
 
 
@@ -89,6 +89,10 @@ def write(cfg: mlc.ConfigDict, workdir: pathlib.Path, dirs: dict[str, Any]) -> d
   doc["training"] = {d.name: _training(d) for d in trained}
   stage_dirs = {k: v for k, v in dirs.items() if k not in ("targets", "conditions", "mitigations")}
   doc["wall_s"] = {d.name: stages.read_manifest(d)["wall_s"] for d in _flat(stage_dirs)}
+  monitored = monitor_plot.curves(dirs["student"], targets)
+  if monitored:  # students trained with the live monitor (`audit.monitor_every`)
+    doc["monitor"] = monitored
+    monitor_plot.plot(monitored, workdir / "monitor.png")
   rows = _table(evals, targets, answers, conds + [m for m in mits if m not in conds])
   title = f"Subliminal transfer over {', '.join(targets)} ({cfg.distill.mode} student, {cfg.study.seeds} seed(s))"
   md = report.write_report(workdir, rows, title, extra=doc, notes=_notes(doc),

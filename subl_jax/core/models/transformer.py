@@ -133,10 +133,13 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-  """The decoder (see the module docstring). `perf` (static) picks array layouts: the same numbers either way."""
+  """The decoder (see the module docstring). `perf` (static) picks array layouts: the same numbers either way.
+  `hidden` (static): `Output.logits` is the residual stream after the last layer instead ([b, n, d_model], no final
+  norm, no head): with `cfg.n_layers` = k and the first k layers' parameters, the stream after layer k."""
   cfg: ModelConfig
   mesh: Mesh | None = None
   perf: Perf = Perf()
+  hidden: bool = False
 
   @nn.compact
   def __call__(self, inputs: Inputs, cache: KVCache | None = None, prefix_cache: KVCache | None = None,
@@ -183,6 +186,8 @@ class Transformer(nn.Module):
       x_prefix, prefix_cache = run(inputs.prefix, KVCache.zeros(cfg, 1, p, self.perf.kv_layout), None)
       x, _ = run(inputs, None, prefix_cache)
       x = jnp.concatenate([jnp.broadcast_to(x_prefix, (b, p, cfg.d_model)), x], axis=1)  # the rows in full
+    if self.hidden:
+      return Output(x if logit_idx_bn is None else jnp.take_along_axis(x, logit_idx_bn[..., None], axis=1), cache)
     return Output(self._head(x, embed, logit_idx_bn), cache)
 
   def _layers(self) -> nn.Module:

@@ -4,7 +4,7 @@
   FiniteGuard     first: it sees every fetched metric before any other hook does, so a non-finite loss stops the
                   run before it is logged (MetricsLogger fetches, then writes) or its state saved (Checkpointing
                   fetches, then saves).
-  MetricsLogger, Checkpointing, Progress, then the caller's hooks,
+  MetricsLogger, Checkpointing, Progress, Monitor (when asked), then the caller's hooks,
   StopOnSignal    last: a signal that arrives during any hook's work at step k stops the run after step k.
 Steps' metrics are the train step's (`loss`, `loss_tokens`, `grad_norm`: device arrays) plus host numbers of the batch
 (`tokens`, `examples`, `flops`), so throughput is counted without waiting on the device.
@@ -142,6 +142,34 @@ class Progress(Hook):
   def close(self) -> None:
     if self.bar is not None:
       self.bar.close()
+
+
+class Monitor(Hook):
+  """Every `every` steps, at the start and at the end: `signals(trainable) -> {name: float}` of the loop's state, as
+  a metrics row of its own (`{"step", **signals}`). It reads the state and never changes it (issue #20's live
+  audit signals, `study/audit/monitor.py`); it waits for the step it reads."""
+
+  def __init__(self, log: metrics_log.MetricsLog, every: int, signals: Callable[[Any], dict[str, float]]):
+    self.log, self.every, self.signals, self.last = log, every, signals, None
+
+  def _row(self, loop: Loop, step: int) -> None:
+    self.log.write({"step": step, **self.signals(loop.state["trainable"])})
+    self.last = step
+
+  def on_start(self, loop: Loop) -> None:
+    if loop.start == 0:
+      self._row(loop, 0)
+    else:  # a resumed run has its row of this step already; the signals still see the state (a stateful monitor)
+      self.signals(loop.state["trainable"])
+      self.last = loop.start
+
+  def on_step(self, loop: Loop, step: int, metrics: Metrics) -> None:
+    if step % self.every == 0 or step == loop.total:
+      self._row(loop, step)
+
+  def on_end(self, loop: Loop) -> None:
+    if loop.step != self.last:  # a stop between monitor points
+      self._row(loop, loop.step)
 
 
 class StopOnSignal(Hook):

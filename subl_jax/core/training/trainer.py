@@ -77,13 +77,13 @@ def fresh_state(model: api.Model, lora: LoraConfig | None, tx, shardings: dict, 
 def train(model: api.Model, ds: ChatDataset, train_cfg: Any, run_dir: str | pathlib.Path, *,
           objective: objectives.Objective = objectives.SFT(), teacher: api.Model | None = None,
           probe: ChatDataset | None = None, hooks: Sequence[loop.Hook] = (), peak_flops: float | None = None,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, monitor: tuple[int, Any] | None = None) -> TrainResult:
   """Trains `model` on `ds` for `objective` as `train_cfg` (the config's `train` section) says; resumes from
   `run_dir`'s newest checkpoint if there is one. An objective that needs a teacher (`LogitKD`) gets `teacher` (a model
   sharing the vocabulary), and `ds` must carry the teacher's view. With `probe` (the trait's examples: prompts
   answered with the trait) every step's gradient is projected off ∇ log P(probe completions) when it would raise it
   (`StepSpec.project_off`). `hooks` run after the trainer's own, before the stop on a signal (`hooks.py`); the loop's
-  state is `{"step", "trainable", "opt"}`.
+  state is `{"step", "trainable", "opt"}`. `monitor` = (every, signals): `hooks.Monitor` rows in `metrics.jsonl`.
   The model's parameters are not modified (full fine-tuning trains a copy; they are the base of a `base` pass)."""
   run_dir = pathlib.Path(run_dir)
   mesh, cfg = model.mesh, train_cfg
@@ -147,6 +147,7 @@ def train(model: api.Model, ds: ChatDataset, train_cfg: Any, run_dir: str | path
       hooks_lib.MetricsLogger(log, cfg.log_every, spe, lambda s: float(schedule(s)), peak_flops),
       hooks_lib.Checkpointing(ckpts, meta),
       hooks_lib.Progress(progress and main),
+      *([hooks_lib.Monitor(log, *monitor)] if monitor else []),
       *hooks,
       hooks_lib.StopOnSignal(f"; checkpoint saved in {ckpt_dir}")])
   rows = [r for r in metrics_log.read(run_dir) if "loss" in r] if main else []

@@ -113,7 +113,7 @@ def load_params(s: Setup, directory: pathlib.Path) -> Any:
   return ocp.StandardCheckpointer().restore((directory / "params").absolute(), target)
 
 
-def _write_result(out: pathlib.Path, s: Setup, params_n: Any, losses: list[float]) -> dict:
+def write_result(out: pathlib.Path, s: Setup, params_n: Any, losses: list[float]) -> dict:
   """Saves params, per-model accuracy and the loss log of a stage; returns the manifest summary."""
   _save_params(out, params_n)  # Orbax: every process writes its own shards
   acc = accuracy(s, params_n)
@@ -143,14 +143,14 @@ def inits_work(job: stages.Job) -> dict:
   s = job.ctx
   if jax.process_index() == 0:
     (job.out / "derangement.json").write_text(json.dumps({"derangement": derangement(s.n, s.seed).tolist()}) + "\n")
-  return _write_result(job.out, s, make_inits(s), [])
+  return write_result(job.out, s, make_inits(s), [])
 
 
 def teacher_work(job: stages.Job) -> dict:
   """Stage `teacher`: each teacher from its reference init."""
   s, losses = job.ctx, []
   params = train_teacher(s, load_params(s, job.inputs["inits"]), [EpochLog("teacher", losses)])
-  return _write_result(job.out, s, params, losses)
+  return write_result(job.out, s, params, losses)
 
 
 def student_work(job: stages.Job) -> dict:
@@ -159,7 +159,7 @@ def student_work(job: stages.Job) -> dict:
   perm = np.asarray(json.loads((job.inputs["inits"] / "derangement.json").read_text())["derangement"])
   params = train_student(s, name, load_params(s, job.inputs["inits"]), load_params(s, job.inputs["teacher"]), perm,
                          [EpochLog(name, losses)])
-  return _write_result(job.out, s, params, losses)
+  return write_result(job.out, s, params, losses)
 
 
 def run_stages(cfg: Any, s: Setup, workdir: pathlib.Path) -> dict[str, pathlib.Path]:
@@ -186,7 +186,13 @@ def run_stages(cfg: Any, s: Setup, workdir: pathlib.Path) -> dict[str, pathlib.P
   stage(stage_table.MNIST_TEACHER, "teacher", ("inits",))
   for name in STUDENTS:
     stage(stage_table.MNIST_STUDENT, name, ("inits", "teacher"), {"condition": name})
+  for kind in mitigations(cfg):
+    stage(stage_table.MNIST_MITIGATED, f"student_aux_{kind}", ("inits", "teacher"), {"mitigation": kind})
   return dirs
+
+
+def mitigations(cfg: Any) -> list[str]:
+  return [m.strip() for m in cfg.mnist.mitigations.split(",") if m.strip()]
 
 
 def summarize(dirs: dict[str, pathlib.Path]) -> tuple[dict[str, dict], dict[str, dict], dict[str, list[float]]]:
@@ -216,6 +222,18 @@ def run_mnist_aux(cfg: Any, workdir: pathlib.Path, mesh: Mesh) -> dict:
       f"- {k}: {v['mean']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]" for k, v in diffs.items()] + [
       "", f"Test accuracy of the argmax over the 10 class logits; {s.n} models; stages took "
       f"{sum(stage_wall.values()):.1f} s when they ran."]
+  mits = mitigations(cfg)
+  if mits:  # issue #21: the mitigated students beside the plain and cross-init ones
+    from subl_jax.study.mnist import mitigate  # deferred: it imports this module
+    rows = [f"student_aux_{k}" for k in mits] + ["cross_init_aux"]
+    acc = {c: np.asarray(json.loads((dirs[c] / "accuracy.json").read_text())["accuracy"])
+           for c in rows + ["student_aux"]}
+    teacher_n = load_params(s, dirs["teacher"])
+    kl = {c: mitigate.quality(s, load_params(s, dirs["inits" if c == "reference" else c]), teacher_n)
+          for c in ["reference", "student_aux"] + rows}
+    conditions.update({c: stats.mean_ci(acc[c]) for c in rows if c not in conditions})
+    extra["mitigations"] = mitigate.table(acc, kl, rows)
+    notes += mitigate.notes(extra["mitigations"], kl)
   title = f"Auxiliary-logit transmission ({hp['dataset']}, m={hp['n_aux']})"
   md = report.markdown_table(conditions, "accuracy")
   if jax.process_index() == 0:

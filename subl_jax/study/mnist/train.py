@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 from subl_jax.core import parallel
 from subl_jax.study.mnist import data as data_lib
 from subl_jax.study.mnist.model import AuxMLP, aux_logits, class_logits, predict_n
+from subl_jax.core.training import mitigations
 from subl_jax.core.training.batching import epoch_batches
 from subl_jax.core.training.loop import Hook, run_loop
 
@@ -81,14 +82,20 @@ def distill_loss(model: AuxMLP, d_in: int, logits: str) -> LossFn:
 
 @functools.cache
 def _epoch_fn(loss_fn: LossFn, tx: optax.GradientTransformation, n_examples: int, batch_size: int,
-              mesh: Mesh) -> Callable:
-  """jit(vmap(one epoch of one model)): (params_n, opt_state_n, keys_n, per_model, shared, epoch) -> new state."""
+              mesh: Mesh, trait_loss: LossFn | None = None) -> Callable:
+  """jit(vmap(one epoch of one model)): (params_n, opt_state_n, keys_n, per_model, shared, epoch) -> new state.
+  With `trait_loss` (a loss over all of `shared`'s examples) each step's gradient is projected off the direction
+  that lowers it whenever the step would (`mitigations.project_off`)."""
   def model_epoch(params, opt_state, key, pm, sh, epoch):
     idx_sb, w_sb = epoch_batches(key, epoch, n_examples, batch_size)
 
     def step(carry, batch):
       params, opt_state = carry
       loss, grads = jax.value_and_grad(loss_fn)(params, *batch, pm, sh)
+      if trait_loss is not None:
+        n = sh["y"].shape[0]
+        down = jax.grad(trait_loss)(params, jnp.arange(n), jnp.ones(n), pm, sh)
+        grads = mitigations.project_off(grads, jax.tree.map(jnp.negative, down))[0]
       updates, opt_state = tx.update(grads, opt_state, params)
       return (optax.apply_updates(params, updates), opt_state), loss
 
@@ -105,10 +112,11 @@ def _epoch_fn(loss_fn: LossFn, tx: optax.GradientTransformation, n_examples: int
 
 def train_n(loss_fn: LossFn, params_n: Any, keys_n: jax.Array, *, tx: optax.GradientTransformation,
             n_examples: int, batch_size: int, epochs: int, mesh: Mesh, per_model: Any = None, shared: Any = None,
-            hooks: Sequence[Hook] = ()) -> tuple[Any, np.ndarray]:
+            hooks: Sequence[Hook] = (), trait_loss: LossFn | None = None) -> tuple[Any, np.ndarray]:
   """Trains N models for `epochs` epochs; model i shuffles with `keys_n[i]`. Returns (params_n, last losses [N]).
 
-  `per_model` (leading axis N) and `shared` (replicated) are passed to `loss_fn`. A loop step is one epoch (one
+  `per_model` (leading axis N) and `shared` (replicated) are passed to `loss_fn`; `trait_loss` (over every example of
+  `shared`) turns on gradient projection (see `_epoch_fn`). A loop step is one epoch (one
   jitted call) with metrics `{"loss": mean loss per model [N]}`; `hooks` (`core.training.loop`) see each. The
   caller's `params_n` are left intact.
   """
@@ -116,7 +124,7 @@ def train_n(loss_fn: LossFn, params_n: Any, keys_n: jax.Array, *, tx: optax.Grad
   opt_state_n = shard_models(mesh, jax.vmap(tx.init)(params_n))
   keys_n, per_model = shard_models(mesh, keys_n), shard_models(mesh, per_model or {})
   shared = replicate(mesh, shared or {})
-  epoch_fn = _epoch_fn(loss_fn, tx, n_examples, batch_size, mesh)
+  epoch_fn = _epoch_fn(loss_fn, tx, n_examples, batch_size, mesh, trait_loss)
   n = jax.tree.leaves(params_n)[0].shape[0]
 
   def epoch(e: int, state: tuple) -> tuple[tuple, dict]:
