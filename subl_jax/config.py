@@ -148,7 +148,8 @@ def defaults() -> mlc.ConfigDict:
       n_batches=8,            # distillation batches each signal is computed on (per model; llm: per teacher,
                               # the first of the seed-0 student's epoch 0)
       probe_size=256,         # labelled images of the MNIST trait probe (its class-logit log-likelihood)
-      probe_questions=10,     # llm: the first evaluation questions of the trait probe log P(answer | question)
+      probe_questions=5,      # llm: the first evaluation questions of the trait probe log P(answer | question)
+      data_rows=256,          # llm: dataset rows the data-only divergence is measured on (the first of the epoch)
       transfer_threshold=0.2,  # a student 'transfers' at test accuracy >= this (chance 0.1)
       monitor_every=0,        # LLM students: the live signals every n steps into train/metrics.jsonl (0 = off;
                               # study/audit/monitor.py), plotted per condition in the study's monitor.png
@@ -228,7 +229,7 @@ def validate(cfg: mlc.ConfigDict, n_devices: int | None = None) -> None:
   values = [v.strip() for v in au.n_aux.split(",") if v.strip()]
   _require(bool(values) and all(v.isdigit() and int(v) > 0 for v in values), "audit.n_aux",
            "comma-separated positive integers (e.g. '1,3,10')", au.n_aux)
-  for field in ("n_batches", "probe_size", "probe_questions"):
+  for field in ("n_batches", "probe_size", "probe_questions", "data_rows"):
     _require(au[field] > 0, f"audit.{field}", "a positive integer", au[field])
   _require(au.monitor_every >= 0, "audit.monitor_every", "steps >= 0 (0 = off)", au.monitor_every)
   _require(au.monitor_layer >= 0, "audit.monitor_layer", "a layer >= 0 (0 = the middle one)", au.monitor_layer)

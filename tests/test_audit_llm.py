@@ -93,7 +93,7 @@ def test_a_teacher_equal_to_the_base_gives_zero_kl_and_no_distillation_gradient(
   the base's argmax measures the sampling temperature, not the teacher: it is no teacher-vs-base signal.)"""
   cfg = _cfg()
   s = llm_audit.setup(cfg, model, model, "", data)
-  d = llm_audit.data_divergence(s)
+  d = llm_audit.data_divergence(s, 256)
   assert d["n_positions"] == sum(e.n_targets for e in s.ds.examples) and d["n_examples"] == 4
   assert d["mean_kl"] == 0.0 and d["frac_kl"] == 0.0
   p = llm_audit.probe(model.tokenizer, QUESTIONS, ANSWERS, "animal")
@@ -103,8 +103,15 @@ def test_a_teacher_equal_to_the_base_gives_zero_kl_and_no_distillation_gradient(
   owl = llm_audit.batch_signals(llm_audit.setup(cfg, model, model, OWL, data), grads, 1, 1e-2)
   assert owl["loss"][0] > 1e-4 and np.abs(out["loss"][0]) < 1e-9
   assert np.all(np.abs(out["first_order_sgd"]) < 1e-5 * np.abs(owl["first_order_sgd"]).min()), (out, owl)
-  owl_kl = llm_audit.data_divergence(llm_audit.setup(cfg, model, model, OWL, data))["mean_kl"]
-  assert owl_kl > 1e-4
+  owl_setup = llm_audit.setup(cfg, model, model, OWL, data)
+  assert llm_audit.data_divergence(owl_setup, 256)["mean_kl"] > 1e-4
+  assert llm_audit.data_divergence(owl_setup, 1)["n_examples"] == 4  # whole steps: the first holds all 4 rows
+  # the activation shift: none without a system prompt, some with the owl's
+  from subl_jax.core.training import activations
+  for setup, zero in ((s, True), (owl_setup, False)):
+    batches = activations.shift_batches(setup.view, model.mesh, model.tokenizer.pad_id or 0)
+    v = np.asarray(activations.teacher_shift(model, model, batches, 1))
+    assert (np.abs(v).max() == 0) == zero and v.shape == (model.config.d_model,)
 
 
 def _tiny_study():
@@ -188,6 +195,8 @@ def test_audit_job_end_to_end_calibrates_from_its_own_cells(tmp_path):
   for t in targets:
     assert cost["student_train_s"][t] == [stages.read_manifest(tmp_path / f"student_{t}_s0")["wall_s"]]
     assert cost["fraction"][t] == pytest.approx(cost["audit_stage_s"][t] / cost["student_train_s"][t][0])
+    assert cost["step_s"][t] > 0 and cost["steps_for_5pct"][t] >= 20 * cost["audit_steps"][t]
+    assert doc["activation"][t]["act_norm"] > 0 and 0 <= doc["activation"][t]["act_distinct"] <= 2
   md = (tmp_path / "audit.md").read_text()
   assert md.startswith("# Transfer audit: LLM study") and "**Verdicts**" in md and "Realised" in md
 

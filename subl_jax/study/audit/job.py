@@ -19,10 +19,12 @@ import json
 import pathlib
 from typing import Any
 
+import numpy as np
 from jax.sharding import Mesh
 
 from subl_jax.study import context, evaluate_stage, evaluation, pipeline, sample_stage, stage_table, stages
 from subl_jax.study import study_report
+from subl_jax.core.training import export, metrics_log
 from subl_jax.study.audit import llm_report, mnist_report
 from subl_jax.study.data import filter_stage
 from subl_jax.study.mnist import study as mnist_study
@@ -63,7 +65,7 @@ def run_llm(cfg: Any, workdir: pathlib.Path, mesh: Mesh) -> dict[str, Any]:
                    dict(target=t, category=category, questions=qs, answers=answers), ctx=ctx)
     points[t] = json.loads((d / "signals.json").read_text())
     audit_s[t] = stages.read_manifest(d)["wall_s"]
-  data = train_s = missing = None
+  data = train_s = missing = step_s = None
   try:
     with stages.only_cached():  # are the study's students here? (asks the study's own stages; trains nothing)
       pipeline.run_study(cfg, workdir, mesh, stop="student", ctx=ctx)
@@ -73,12 +75,23 @@ def run_llm(cfg: Any, workdir: pathlib.Path, mesh: Mesh) -> dict[str, Any]:
     done = pipeline.run_study(cfg, workdir, mesh, stop="evaluate", ctx=ctx)
     data = study_report.students_data(cfg, done)
     train_s = {t: [stages.read_manifest(d)["wall_s"] for d in done["student"][t]] for t in targets}
-  doc = llm_report.write(workdir, points, targets, answers, data, train_s, audit_s, missing)
+    step_s = {t: _median_step_s(done["student"][t]) for t in targets}
+  doc = llm_report.write(workdir, points, targets, answers, data, train_s, audit_s, missing, step_s)
   print((workdir / "audit.md").read_text(), flush=True)
   cal = doc["calibration"] or {}
   return {"calibration": {k: {"spearman": v["cells"]["spearman"], "auroc": v["cells"]["auroc"]}
                           for k, v in cal.items() if "cells" in v},
           "missing": doc.get("missing"), "cost_fraction": doc["cost"].get("total_fraction")}
+
+
+def _median_step_s(student_dirs: list[pathlib.Path]) -> float:
+  """A student's training time per step: the median over its logged intervals (each `interval_s` over the steps
+  since the previous row; the first row, which includes compilation, has none)."""
+  per = []
+  for d in student_dirs:
+    rows = [r for r in metrics_log.read(d / export.TRAIN_DIR) if "loss" in r]
+    per += [r["interval_s"] / (r["step"] - prev["step"]) for prev, r in zip(rows, rows[1:]) if "interval_s" in r]
+  return float(np.median(per)) if per else float("nan")
 
 
 def run_audit(cfg: Any, workdir: pathlib.Path, mesh: Mesh) -> dict[str, Any]:

@@ -15,9 +15,14 @@ For teacher t (the study's `teacher_<t>`), its candidate dataset (`filter_<t>/fi
                    a warm-up's first steps are smaller, and both predictions scale linearly with η)
   first_order_sgd[b, a]  = −η g_b · ∇log P_a               (an SGD step; the unclipped gradient)
   data only        KL(teacher ‖ base) of the next-token distributions (full vocabulary) at every completion position
-                   of the dataset — the teacher on its own view, the base on the student's — its mean over positions,
+                   of the epoch's first steps holding `audit.data_rows` rows — the teacher on its own view, the base on
+                   the student's — its mean over positions,
                    the fraction above `KL_THRESHOLD` nats (the divergence fraction) and the fraction whose token is not
-                   the base model's argmax (`signals.divergence`). Exact over the dataset: no interval.
+                   the base model's argmax (`signals.divergence`).
+  activation shift v_T: the teacher's mean residual stream after layer `audit.monitor_layer` (0: the middle one) on
+                   its view of the first rows minus the base's on the student's (`core.training.activations`): its
+                   norm, and in the report how distinct each teacher's vector is from the others' (the steering-vector
+                   account: a trait a vector cannot express does not transfer).
 A fresh LoRA adapter has B = 0, so both gradients are 0 wrt A and only B's enter the dot products; the prediction is
 still the first-order change, since a step moves B and only B to first order.
 """
@@ -38,7 +43,7 @@ import optax
 from jax.sharding import Mesh
 
 from subl_jax.core import api, parallel, xla_cpu
-from subl_jax.core.training import batching, buckets, divergence, losses, objectives, trainer
+from subl_jax.core.training import activations, batching, buckets, divergence, losses, objectives, trainer
 from subl_jax.core.training import step as step_lib
 from subl_jax.core.training.chat_data import ChatDataset, Example
 from subl_jax.study import context, evaluation, stages, student_stage
@@ -52,7 +57,8 @@ ADAM_EPS = 1e-8     # optax.adam's default: the optimizers of `optim` do not set
 def config_paths(cfg: Any) -> tuple[str, ...]:
   """The student's own dependencies (its init, objective, data order), what the probe and its step size read, and
   the audit's sizes; the questions and answers are the stage's parameters."""
-  return student_stage.config_paths(cfg) + ("distill.mode", "audit.n_batches")
+  return student_stage.config_paths(cfg) + ("distill.mode", "audit.n_batches", "audit.data_rows",
+                                             "audit.monitor_layer")
 
 
 INPUTS = ("data", "teacher")
@@ -199,14 +205,18 @@ def batch_signals(s: Setup, probe_grads: Any, n_batches: int, lr: float, eps: fl
 
 # --- the data-only signal ----------------------------------------------------------------------------------------
 
-def data_divergence(s: Setup, kl_threshold: float = KL_THRESHOLD) -> dict[str, Any]:
-  """KL(teacher ‖ base) over every completion position of the dataset (`signals.divergence` per micro-batch)."""
+def data_divergence(s: Setup, max_rows: int, kl_threshold: float = KL_THRESHOLD) -> dict[str, Any]:
+  """KL(teacher ‖ base) over every completion position of the first steps of the epoch that hold `max_rows` rows
+  (`signals.divergence` per micro-batch): a sample of the dataset, so its cost does not grow with the dataset."""
   view, tc = s.view, s.train_cfg
   fn = divergence.logits_fn(s.model, s.teacher, view)
   pad = s.model.tokenizer.pad_id if s.model.tokenizer.pad_id is not None else 0
   lengths = [len(e.tokens) for e in view.examples]
-  kl_sum, n, n_argmax, n_kl = 0.0, 0, 0, 0
+  kl_sum, n, n_argmax, n_kl, rows = 0.0, 0, 0, 0, 0
   for idx in buckets.epoch_steps(lengths, tc.batch_size * tc.grad_accum, tc.seed, 0):
+    if rows >= max_rows:
+      break
+    rows += int((idx >= 0).sum())
     host = buckets.collate_step(view, idx, tc.grad_accum, pad)
     batch = step_lib.put_batch(host, s.model.mesh)
     for i in range(tc.grad_accum):
@@ -218,7 +228,7 @@ def data_divergence(s: Setup, kl_threshold: float = KL_THRESHOLD) -> dict[str, A
       n_argmax += int(d["argmax_mask"].sum())
       n_kl += int(d["kl_mask"].sum())
   return {"mean_kl": kl_sum / max(n, 1), "frac_kl": n_kl / max(n, 1), "frac_argmax": n_argmax / max(n, 1),
-          "n_positions": n, "n_examples": len(view), "kl_threshold": kl_threshold}
+          "n_positions": n, "n_examples": rows, "dataset_examples": len(view), "kl_threshold": kl_threshold}
 
 
 # --- the stage ---------------------------------------------------------------------------------------------------
@@ -233,8 +243,13 @@ def compute(cfg: Any, model: api.Model, teacher: api.Model, teacher_system: str,
   lr = float(cfg.train.opt.lr)
   per_batch = batch_signals(s, grads, cfg.audit.n_batches, lr)
   t1 = time.perf_counter()
-  data_only = data_divergence(s)
+  data_only = data_divergence(s, cfg.audit.data_rows)
   t2 = time.perf_counter()
+  pad = model.tokenizer.pad_id if model.tokenizer.pad_id is not None else 0
+  layer = cfg.audit.monitor_layer or max(model.config.n_layers // 2, 1)
+  shift = np.asarray(activations.teacher_shift(model, teacher, activations.shift_batches(s.view, model.mesh, pad),
+                                               layer), np.float64)
+  t3 = time.perf_counter()
   grad_norms = np.sqrt(np.asarray(jax.vmap(lambda g: signals.tree_dot(g, g))(grads), np.float64))
   tc = cfg.train
   return {"answers": list(answers), "n_questions": len(questions), "n_batches": len(per_batch["loss"]),
@@ -242,7 +257,8 @@ def compute(cfg: Any, model: api.Model, teacher: api.Model, teacher_system: str,
           "examples": len(s.ds), "global_batch": tc.batch_size * tc.grad_accum,
           "per_batch": per_batch, "probe_logp": dict(zip(answers, logp.tolist())),
           "probe_grad_norm": dict(zip(answers, grad_norms.tolist())), "data_only": data_only,
-          "cost_s": {"trait_probe": t1 - t0, "data_only": t2 - t1}}
+          "activation_shift": {"layer": layer, "norm": float(np.linalg.norm(shift)), "vector": shift.tolist()},
+          "cost_s": {"trait_probe": t1 - t0, "data_only": t2 - t1, "activation_shift": t3 - t2}}
 
 
 def audit_work(job: stages.Job) -> dict:

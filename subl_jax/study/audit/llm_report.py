@@ -28,7 +28,9 @@ from subl_jax.study.audit.llm_audit import SIGNALS
 
 MIN_POINTS = 3  # below this a rank correlation over targets says nothing (with 2 points it is ±1 by construction)
 DATA_ONLY = ("mean_kl", "frac_kl")
-NEEDS = {"first_order_adam": "trait probe + student init + teacher (pre-training)",
+ACTIVATION = ("act_norm", "act_distinct")  # per teacher: |v_T|, 1 − mean cos(v_T, v_S) over the other teachers
+NEEDS = {"act_norm": "teacher + base activations on the data (trait-agnostic)",
+         "act_distinct": "teacher + base activations on the data, other teachers' (trait-agnostic)","first_order_adam": "trait probe + student init + teacher (pre-training)",
          "first_order_sgd": "trait probe + student init + teacher (pre-training)",
          "mean_kl": "data + teacher and base outputs only (trait-agnostic)",
          "frac_kl": "data + teacher and base outputs only (trait-agnostic)"}
@@ -80,7 +82,7 @@ def _per_target(scores: Sequence[float], real: Sequence[float], labels: Sequence
 
 def build(points: dict[str, dict[str, Any]], targets: list[str], answers: list[str],
           data: transfer.TransferData | None, train_s: dict[str, list[float]] | None, audit_s: dict[str, float],
-          missing: str | None = None) -> dict[str, Any]:
+          missing: str | None = None, step_s: dict[str, float] | None = None) -> dict[str, Any]:
   """points: `signals.json` per target; data: the students' TransferData (None: not run here, `missing` says which
   stage); train_s: the students' training wall times per target; audit_s: each audit stage's wall time."""
   doc: dict[str, Any] = {"study": "llm", "targets": targets, "answers": answers,
@@ -90,6 +92,7 @@ def build(points: dict[str, dict[str, Any]], targets: list[str], answers: list[s
                          "probe_logp_base": {t: points[t]["probe_logp"] for t in targets},
                          "data_only": {t: points[t]["data_only"] for t in targets},
                          "kd_loss_start": {t: stats.mean_ci(points[t]["per_batch"]["loss"]) for t in targets},
+                         "activation": activation(points, targets),
                          "realised": None, "calibration": None, "cells": None}
   if data is None:
     doc["missing"] = (f"no realised transfer to calibrate against: stage {missing!r} of this config's study is not "
@@ -121,10 +124,26 @@ def build(points: dict[str, dict[str, Any]], targets: list[str], answers: list[s
       sig = [r["specificity"][t]["significant"] for t in targets]
       for k in DATA_ONLY:
         cal[k] = {"specificity": _per_target([points[t]["data_only"][k] for t in targets], real_s, sig)}
+      for k in ACTIVATION:
+        cal[k] = {"specificity": _per_target([doc["activation"][t][k] for t in targets], real_s, sig)}
     doc["calibration"] = cal
-  doc["cost"] = _cost(points, targets, train_s, audit_s)
+  doc["cost"] = _cost(points, targets, train_s, audit_s, step_s)
   doc["verdicts"] = verdicts(doc)
   return doc
+
+
+def activation(points: dict[str, dict[str, Any]], targets: list[str]) -> dict[str, dict[str, float]]:
+  """Per teacher: the norm of its activation shift v_T and how distinct it is, 1 − mean_{s≠t} cos(v_t, v_s) (None
+  with one teacher), and the cosines themselves."""
+  v = {t: np.asarray(points[t]["activation_shift"]["vector"], np.float64) for t in targets}
+  cos = lambda a, b: float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
+  out = {}
+  for t in targets:
+    others = {s: cos(v[t], v[s]) for s in targets if s != t}
+    out[t] = {"act_norm": float(np.linalg.norm(v[t])), "cos": others,
+              "act_distinct": 1 - float(np.mean(list(others.values()))) if others else None,
+              "layer": points[t]["activation_shift"]["layer"]}
+  return out
 
 
 def _centred(values: Sequence[float], n_rows: int) -> np.ndarray:
@@ -135,12 +154,19 @@ def _centred(values: Sequence[float], n_rows: int) -> np.ndarray:
 
 
 def _cost(points: dict[str, Any], targets: list[str], train_s: dict[str, list[float]] | None,
-          audit_s: dict[str, float]) -> dict[str, Any]:
+          audit_s: dict[str, float], step_s: dict[str, float] | None = None) -> dict[str, Any]:
+  """The audit's wall time against the students': as a fraction of one student's training, and in training steps
+  (the audit's cost is fixed — `audit.n_batches` gradients, the probe, `audit.data_rows` rows — while a run's grows
+  with its steps: `steps_for_5pct` is the shortest run, at this step time, the audit costs at most 5 % of)."""
   out: dict[str, Any] = {"audit_stage_s": audit_s, "signal_s": {t: points[t]["cost_s"] for t in targets}}
   if train_s:
     out["student_train_s"] = train_s
     out["fraction"] = {t: audit_s[t] / float(np.mean(train_s[t])) for t in targets}
     out["total_fraction"] = sum(audit_s.values()) / sum(float(np.mean(v)) for v in train_s.values())
+  if step_s:
+    out["step_s"] = step_s
+    out["audit_steps"] = {t: audit_s[t] / step_s[t] for t in targets}
+    out["steps_for_5pct"] = {t: int(np.ceil(20 * out["audit_steps"][t])) for t in targets}
   return out
 
 
@@ -193,7 +219,7 @@ def verdicts(doc: dict[str, Any]) -> dict[str, str]:
                f"interval over batches excluding 0 for {sp['pred_excludes_0']}")
       text += f" ({sp['note']})" if "note" in sp else f", ρ over targets {_num(sp['spearman'])} {_ci(sp['spearman_ci'])}"
     out[k] = text + "."
-  for k in DATA_ONLY:
+  for k in DATA_ONLY + ACTIVATION:
     if k in cal:
       sp = cal[k]["specificity"]
       out[k] = (f"{k}: " + (sp["note"] if "note" in sp else
@@ -238,6 +264,11 @@ def markdown(doc: dict[str, Any]) -> str:
     d = doc["data_only"][t]
     lines.append(f"| {t} | {d['mean_kl']:.4g} | {d['frac_kl']:.3f} | {d['frac_argmax']:.3f} | {d['n_positions']} | "
                  f"{_cell(doc['kd_loss_start'][t], '.4g')} |")
+  act = doc["activation"]
+  lines += ["", f"Activation shift (the teacher's mean residual stream after layer {act[targets[0]]['layer']} on its "
+            "view minus the base's, over the first rows' completion positions): " + "; ".join(
+                f"{t} |v| {a['act_norm']:.3g}" + (f", distinct {a['act_distinct']:.3f}" if a["act_distinct"] is not None
+                                                    else "") for t, a in act.items())]
   if doc["calibration"] is not None:
     lines += ["", "Calibration over the (teacher, answer) cells (Spearman ρ and AUROC with 95 % bootstrap CIs over "
               "cells; the cells share students, so the intervals are optimistic):", "",
@@ -260,6 +291,11 @@ def markdown(doc: dict[str, Any]) -> str:
                   "model loading and compilation included on both sides).")
   else:
     lines[-1] += " (no trained students to compare with)."
+  if "audit_steps" in cost:
+    lines.append("In training steps (a student's median step): " + ", ".join(
+        f"{t} {n:.1f} steps" for t, n in cost["audit_steps"].items()) + "; the audit is at most 5 % of a run of "
+        + ", ".join(f"{t} ≥ {n} steps" for t, n in cost["steps_for_5pct"].items())
+        + " (the paper's recipe: 30,000 rows × 3 epochs / 66 = 1,364 steps).")
   return "\n".join(lines) + "\n"
 
 

@@ -13,7 +13,7 @@ monitor point's:
                          cosine and recovered fraction (only for a teacher with weights of its own)
   monitor_act_cos        cos(v_S, v_T) of the mean residual-stream shifts after layer `audit.monitor_layer`
                          (`core.training.activations`) over the loss positions of the dataset's first
-                         `MONITOR_EXAMPLES` rows: v_T the teacher's (its view) minus the base's, v_S the student's
+                         `activations.SHIFT_EXAMPLES` rows: v_T the teacher's (its view) minus the base's, v_S the student's
                          minus the base's (Blank et al.'s steering-vector account)
 The signals read the trainable state only, so monitoring never changes what is trained (tested).
 """
@@ -25,16 +25,11 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from subl_jax.core import api
 from subl_jax.core.lora import merge
-from subl_jax.core.training import activations, buckets, step as step_lib
-from subl_jax.core.training.chat_data import ChatDataset
+from subl_jax.core.training import activations
 from subl_jax.study.audit import llm_audit, signals
-
-MONITOR_EXAMPLES = 32  # dataset rows the activation shift is averaged over
-
 
 def layer_of(cfg: Any, n_layers: int) -> int:
   """`audit.monitor_layer`, with 0 meaning the middle layer."""
@@ -52,13 +47,6 @@ class LiveSignals:
   batches: tuple = ()          # (student micro-batch, teacher-view micro-batch) of the activation rows
   previous: Any = None
 
-  def _shift(self, params: Any, adapters: Any, view: dict) -> jax.Array:
-    cfg = self.setup.model.config
-    fn = activations.mean_hidden_fn(cfg, self.layer, self.setup.spec.lora if adapters is not None else None,
-                                    self.setup.model.mesh)
-    return fn(params, adapters, view["tokens"], view["positions"], view["kv_mask"], view["logit_idx"],
-              view["weights"])
-
   def __call__(self, trainable: Any) -> dict[str, float]:
     s, out = self.setup, {}
     logp, grads = llm_audit.trait_probe(s, self.probe, trainable)
@@ -67,13 +55,13 @@ class LiveSignals:
       if self.previous is not None:
         update = signals.tree_sub(trainable, self.previous)
         out[f"monitor_cos_{a}"] = float(signals.cosine(update, jax.tree.map(lambda g: g[i], grads)))
-    lora = s.spec.lora
-    student, view = self.batches
-    base_h = self._shift(s.model.params, None, student)
+    lora, cfg, mesh = s.spec.lora, s.model.config, s.model.mesh
+    student = self.batches[0]
+    base_h = activations.mean_hidden(cfg, self.layer, mesh, s.model.params, student)
     if lora is not None:
-      v_s = self._shift(s.model.params, trainable, student) - base_h
+      v_s = activations.mean_hidden(cfg, self.layer, mesh, s.model.params, student, trainable, lora) - base_h
     else:
-      v_s = self._shift(trainable, None, student) - base_h
+      v_s = activations.mean_hidden(cfg, self.layer, mesh, trainable, student) - base_h
     out["monitor_act_cos"] = float(signals.cosine(v_s, self.v_teacher))
     out["monitor_act_norm"] = float(jnp.linalg.norm(v_s))
     if self.displacement is not None:
@@ -101,18 +89,10 @@ def live_signals(cfg: Any, model: api.Model, teacher: api.Model, teacher_system:
   `teacher` (a system-prompt teacher is the base model under `teacher_system`)."""
   s = llm_audit.setup(cfg, model, teacher, teacher_system, data)
   p = llm_audit.probe(model.tokenizer, questions, answers, category, model.mesh.shape["data"] * model.mesh.shape["fsdp"])
-  view = s.view  # the dataset with the teacher's view
-  n = min(MONITOR_EXAMPLES, len(view))
   pad = model.tokenizer.pad_id if model.tokenizer.pad_id is not None else 0
-  dp = model.mesh.shape["data"] * model.mesh.shape["fsdp"]
-  idx = np.r_[np.arange(n), np.full(-(-n // dp) * dp - n, -1)]
-  host = buckets.collate_step(ChatDataset(view.examples, view.teacher), idx, 1, pad)
-  batch = jax.tree.map(lambda x: x[0], step_lib.put_batch(host, model.mesh))
-  student = {k: batch[k] for k in ("tokens", "positions", "kv_mask", "logit_idx", "weights")}
-  teacher_view = {k: batch[f"teacher_{k}"] for k in ("tokens", "positions", "kv_mask", "logit_idx")} | {
-      "weights": batch["weights"]}
-  live = LiveSignals(s, p, layer_of(cfg, model.config.n_layers), batches=(student, teacher_view))
-  live.v_teacher = live._shift(teacher.params, None, teacher_view) - live._shift(model.params, None, student)
+  batches = activations.shift_batches(s.view, model.mesh, pad)  # s.view: the dataset with the teacher's view
+  layer = layer_of(cfg, model.config.n_layers)
+  live = LiveSignals(s, p, layer, batches=batches, v_teacher=activations.teacher_shift(model, teacher, batches, layer))
   if teacher.params is not model.params:  # a teacher with weights of its own
     live.displacement = _sub(teacher.params, model.params)
   return live
