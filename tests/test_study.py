@@ -176,11 +176,14 @@ def test_study_configs_validate_and_sweep_expands():
     return module.get_config(arg)
 
   for name, arg in [("quickstart", None), ("demo_cpu", None), ("animals_smollm2", None), ("animals_smollm2", "sft"),
-                    ("qwen25_7b", "/data/Qwen2.5-7B-Instruct")]:
+                    ("qwen25_7b", "/data/Qwen2.5-7B-Instruct"), ("mitigate_smollm2", None)]:
     cfg = load(ROOT / "configs" / f"{name}.py", arg)
     config.validate(cfg, n_devices=1)
     assert cfg.job == "study" and len(pipeline.targets(cfg)) >= 2, name  # specificity needs other targets
     assert name == "quickstart" or cfg.study.seeds >= 3, name  # a config that claims a result has seeds
+  mnist = load(ROOT / "configs" / "mitigate_mnist.py")
+  config.validate(mnist, n_devices=1)
+  assert mnist.job == "mnist_aux" and len(mnist.mnist.mitigations.split(",")) == 5
   with pytest.raises(ValueError, match="model directory"):
     load(ROOT / "configs" / "qwen25_7b.py")
   runs = sweep.load_sweep(str(ROOT / "configs/sweeps/animals.py:lr,rank"))

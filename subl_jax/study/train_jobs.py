@@ -37,9 +37,12 @@ def run_teacher(cfg: mlc.ConfigDict, workdir: pathlib.Path, mesh: Mesh) -> dict:
 
 
 def run_student(cfg: mlc.ConfigDict, workdir: pathlib.Path, mesh: Mesh) -> dict:
-  """A student on `distill.data` into `<workdir>/student`; `logit_kd` runs the teacher stage first (or reuses it)."""
+  """A student on `distill.data` into `<workdir>/student`; a student that reads its teacher (`logit_kd`, masking,
+  monitoring) runs the teacher stage first (or reuses it), a shuffling mitigation the `shuffle` stage."""
+  from subl_jax.study import pipeline, student_stage  # deferred: the pipeline imports the stage table, like this
   ctx = context.Context(cfg, mesh)
-  inputs = {"data": _data(cfg.distill.data, "distill.data")}
-  if cfg.distill.mode == "logit_kd":
+  run = lambda stage, c, name, inputs, **params: stages.run(stage, c, workdir, name, inputs, params, ctx=ctx)
+  inputs = {"data": pipeline.student_data(run, cfg, _data(cfg.distill.data, "distill.data"), "data")}
+  if "teacher" in student_stage.input_roles(cfg):
     inputs["teacher"] = stages.run(stage_table.TEACHER, cfg, workdir, "teacher", {}, ctx=ctx)
   return _result(stages.run(stage_table.STUDENT, cfg, workdir, "student", inputs, ctx=ctx))

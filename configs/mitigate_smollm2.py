@@ -1,0 +1,26 @@
+"""Mitigations on the SmolLM2 CPU demo (issue #21): `configs/demo_cpu.py` plus a mitigated student of every teacher
+and seed for each of projection off the trait gradient, divergence-token masking and a KL-to-base penalty (the
+demo's shuffled-numbers condition is the shuffling mitigation), each reported beside the plain students.
+
+  python -m subl_jax.main --config=configs/mitigate_smollm2.py --workdir=runs/demo_cpu   # after the demo: reuses it
+
+Run in the demo's workdir every stage the demo ran is reused (same fields); the mitigated students, the held-out
+numbers of each teacher and the quality stages are what is new. The report's mitigation table: per mitigation, the
+transfer removed (1 − its mean specificity over the plain students', bootstrap 95 % CI over seeds and questions;
+"n/a" when the plain students' specificity is not significant: there is nothing to remove) and the quality kept (the
+share of the plain students' drop in held-out number-token KL to the teacher, CI over seeds), and each model's keep
+rate of its own unconstrained numbers.
+"""
+
+import importlib.util
+import pathlib
+
+
+def get_config(arg: str | None = None):
+  del arg
+  spec = importlib.util.spec_from_file_location("_demo_cpu", pathlib.Path(__file__).with_name("demo_cpu.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.study.mitigations = "project,mask,kl_base,shuffle_within"
+  return c
