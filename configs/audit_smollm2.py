@@ -1,28 +1,26 @@
-"""The transfer audit on the quickstart's LLM study (issue #20): SmolLM2-135M-Instruct, owl and dolphin system-prompt
-teachers, LoRA students distilled by number-token KD (`configs/quickstart.py`).
+"""The transfer audit on the CPU demo's LLM study (issue #20): SmolLM2-135M-Instruct, three animal teachers, LoRA
+students of three seeds each (`configs/demo_cpu.py`).
 
-  python -m subl_jax.main --config=configs/audit_smollm2.py --workdir=runs/quickstart
+  python -m subl_jax.main --config=configs/audit_smollm2.py --workdir=runs/demo_cpu   # after the demo: reuses it
 
 Before any student trains, for each teacher: the predicted Δ log P(answer) of the seed-0 student's first steps
-(first-order Adam and SGD through its fresh adapters, on the first `audit.n_batches` batches, against the trait
-probe over the first `audit.probe_questions` evaluation questions) for every evaluated animal, and the data-only
-KL(teacher ‖ base) over the teacher's numbers. Run in the quickstart's workdir after its study (same config, so the
-stages are shared), `audit.md` calibrates the predictions against the realised transfer matrix and specificity, and
-gives the audit's cost against the students' training; in a fresh workdir it runs the teachers, sampling and filter
-(about 5 minutes on 2 CPU cores) and reports the predictions alone. 2 teachers × 5 answers = 10 cells, 2 targets:
-enough to see whether the cells rank, too few to calibrate specificity.
+(first-order Adam and SGD through its fresh adapters, on its first `audit.n_batches` batches, against the trait probe
+over the first `audit.probe_questions` evaluation questions) for every evaluated animal; the data-only
+KL(teacher ‖ base) on `audit.data_rows` of the teacher's numbers; the teacher's activation shift (its norm, and how
+distinct it is from the other teachers'). Run in the demo's workdir after its study (same config, so the stages are
+shared), `audit.md` calibrates each signal against the realised transfer matrix (3 teachers × 5 answers = 15 cells)
+and the 3 targets' specificity, and gives the audit's cost against the students' training, also in training steps;
+in a fresh workdir it runs the teachers, sampling and filter and reports the predictions alone.
 """
 
-import importlib.util
 import pathlib
+
+from subl_jax import config as config_lib
 
 
 def get_config(arg: str | None = None):
   del arg
-  spec = importlib.util.spec_from_file_location("quickstart", pathlib.Path(__file__).with_name("quickstart.py"))
-  quickstart = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(quickstart)
-  c = quickstart.get_config()
+  c = config_lib.from_file(pathlib.Path(__file__).with_name("demo_cpu.py"))
   c.job = "audit"
-  c.audit.update(dict(study="llm", n_batches=8, probe_questions=10))
+  c.audit.update(dict(study="llm", n_batches=4))
   return c

@@ -10,17 +10,15 @@ in-context conditions. The recipe has not been searched yet; the wall time above
 quickstart's stage times, not a measurement.
 """
 
-import importlib.util
 import pathlib
+
+from subl_jax import config as config_lib
 
 
 def get_config(arg: str | None = None):
   del arg
   path = pathlib.Path(__file__).with_name("quickstart.py")  # the quickstart's recipe, scaled up
-  spec = importlib.util.spec_from_file_location("_quickstart", path)
-  quickstart = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(quickstart)
-  c = quickstart.get_config()
+  c = config_lib.from_file(path)
   c.sample.update(dict(n_prompts=256, shard_size=128))
   c.train.update(dict(epochs=1, log_every=4))
   c.study.update(dict(targets="owl,dolphin,eagle", seeds=3, conditions="icl,shuffle_within"))

@@ -17,15 +17,13 @@ transfer and keeps 99 % / 97 % of the distillation (held-out noise / test images
 the cross-init student 100 % and 89-97 %.
 """
 
-import importlib.util
 import pathlib
+
+from subl_jax import config as config_lib
 
 
 def get_config(arg: str | None = None):
-  spec = importlib.util.spec_from_file_location("_mnist_aux", pathlib.Path(__file__).with_name("mnist_aux.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(arg)
+  c = config_lib.from_file(pathlib.Path(__file__).with_name("mnist_aux.py"), arg)
   c.mnist.mitigations = "project,mask,kl_base,shuffle_within,shuffle_across"
   c.mitigation.mask_threshold = 0.01
   return c

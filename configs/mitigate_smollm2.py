@@ -12,15 +12,13 @@ share of the plain students' drop in held-out number-token KL to the teacher, CI
 rate of its own unconstrained numbers.
 """
 
-import importlib.util
 import pathlib
+
+from subl_jax import config as config_lib
 
 
 def get_config(arg: str | None = None):
   del arg
-  spec = importlib.util.spec_from_file_location("_demo_cpu", pathlib.Path(__file__).with_name("demo_cpu.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  c = config_lib.from_file(pathlib.Path(__file__).with_name("demo_cpu.py"))
   c.study.mitigations = "project,mask,kl_base,shuffle_within"
   return c

@@ -7,6 +7,8 @@ checks configs built by hand: unknown keys, wrong types, and impossible values, 
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
 from typing import Any
 
 import jax
@@ -165,6 +167,16 @@ def defaults() -> mlc.ConfigDict:
   ))
   c.lock()
   return c
+
+
+def from_file(path: str | pathlib.Path, arg: str | None = None) -> mlc.ConfigDict:
+  """The config of a config file (`get_config(arg)`): how one config builds on another
+  (`config.from_file(pathlib.Path(__file__).with_name("demo_cpu.py"))`)."""
+  path = pathlib.Path(path)
+  spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 def _check_structure(cfg: Any, schema: mlc.ConfigDict, prefix: str = "") -> None:

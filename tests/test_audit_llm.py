@@ -208,8 +208,8 @@ def test_bad_probe_questions_names_the_field():
     config_lib.validate(c, n_devices=1)
 
 
-def test_audit_smollm2_config_is_the_quickstart_study_plus_the_audit():
-  """Same study fields as the quickstart, so run in its workdir the audit shares every stage with it."""
+def test_audit_smollm2_config_is_the_demo_study_plus_the_audit():
+  """Same study fields as the CPU demo, so run in its workdir the audit shares every stage with it."""
   import importlib.util
   import pathlib
 
@@ -219,7 +219,7 @@ def test_audit_smollm2_config_is_the_quickstart_study_plus_the_audit():
     spec.loader.exec_module(module)
     return module.get_config()
 
-  audit, quick = load("audit_smollm2"), load("quickstart")
+  audit, quick = load("audit_smollm2"), load("demo_cpu")
   config_lib.validate(audit, n_devices=1)
   assert audit.job == "audit" and audit.audit.study == "llm" and audit.model.spec == "smollm2"
   a, q = audit.to_dict(), quick.to_dict()

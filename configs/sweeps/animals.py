@@ -8,8 +8,9 @@
 The base run is `configs/animals_smollm2.py` (one GPU each); `arg` 'quick' uses `configs/quickstart.py` instead.
 """
 
-import importlib.util
 import pathlib
+
+from subl_jax import config as config_lib
 
 EXTRA = {"lr": ("train.opt.lr", (1e-4, 2e-4, 5e-4)), "rank": ("train.lora.rank", (4, 8, 16))}
 
@@ -25,10 +26,7 @@ def _options(arg):
 def get_config(arg=None):
   base = "quickstart.py" if "quick" in _options(arg) else "animals_smollm2.py"
   path = pathlib.Path(__file__).resolve().parents[1] / base
-  spec = importlib.util.spec_from_file_location(f"_base_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(None)
+  return config_lib.from_file(path)
 
 
 def get_sweep(arg=None):
