@@ -20,32 +20,34 @@ TARGETS = ("owl", "dolphin")
 
 
 def test_a_study_with_mitigations_trains_each_beside_the_plain_student_and_reports_removed_and_kept(tmp_path):
+  """Every loss- and gradient-side mitigation composed in one variant (each is tested alone at the step in
+  test_mitigations): its students, the held-out quality stages, the report's table."""
   cfg, mesh = tiny_study(), parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  cfg.study.update(dict(conditions="", mitigations="mask+kl_base,project"))
+  cfg.teacher.kind = "system_prompt"  # nothing to train for the teachers
+  m = "mask+kl_base+project"
+  cfg.study.update(dict(conditions="", mitigations=m))
   cfg.eval.n_samples = 0  # the log-prob metric is what the report reads
   cfg.mitigation.update(dict(mask_threshold=0.0, probe_questions=2, quality_prompts=4))
   config.validate(cfg, n_devices=1)
   doc = pipeline.run_study(cfg, tmp_path, mesh)
   for t in TARGETS:
     for k in (0, 1):
-      for v in ("", "_mask+kl_base", "_project"):
+      for v in ("", f"_{m}"):
         assert stages.is_complete(tmp_path / f"student_{t}{v}_s{k}"), (t, v, k)
         assert stages.is_complete(tmp_path / f"quality_student_{t}{v}_s{k}")
     assert stages.is_complete(tmp_path / f"quality_base_{t}") and stages.is_complete(tmp_path / f"heldout_{t}")
-  info = json.loads((tmp_path / "student_owl_mask+kl_base_s0" / "stage.json").read_text())
-  assert info["mitigation"] == "mask+kl_base" and info["mask"]["fraction"] > 0  # threshold 0: KL > 0 almost always
+  info = json.loads((tmp_path / f"student_owl_{m}_s0" / "stage.json").read_text())
+  assert info["mitigation"] == m and info["mask"]["fraction"] > 0  # threshold 0: KL > 0 almost everywhere
   assert info["train"]["objective"]["name"] == "KLToBase" and info["train"]["objective"]["inner"]["name"] == \
-      "MaskPositions"
-  assert json.loads((tmp_path / "student_owl_project_s0" / "stage.json").read_text())["train"]["project_off"]
+      "MaskPositions" and info["train"]["project_off"]
   plain = json.loads((tmp_path / "student_owl_s0" / "stage.json").read_text())
   assert "mitigation" not in plain and not plain["train"]["project_off"]
   q = quality_stage.read(tmp_path / "quality_student_owl_s0")
   assert q["kl_numbers"] >= 0 and q["kl_all"] >= 0 and 0 <= q["keep_rate"] <= 1 and q["n"] == 4
-  mits = doc["mitigations"]
-  assert set(mits) == {"mask+kl_base", "project"}
-  for m in mits.values():
-    assert m["removed"]["difference"]["n"] == 2 and "kept" in m["quality"] and "specificity" in m
-  assert "| mask+kl_base |" in (tmp_path / "report.md").read_text()
+  assert set(doc["mitigations"]) == {m}
+  r = doc["mitigations"][m]
+  assert r["removed"]["difference"]["n"] == 2 and "kept" in r["quality"] and "specificity" in r
+  assert f"| {m} |" in (tmp_path / "report.md").read_text()
 
 
 def test_a_shuffle_listed_as_condition_and_as_mitigation_is_one_student_variant():
