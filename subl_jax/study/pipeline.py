@@ -14,6 +14,10 @@ and the controls:
                             an `sft` study's control: a student trained the same way on the base model's numbers
   eval_icl_<t>              `study.conditions` icl: the base model with the teacher's (prompt, completion) pairs in
                             its context, no training
+  student_<t>_<m>_s<k>      `study.mitigations`: the student trained with `distill.mitigation=<m>` (issue #21)
+  heldout_sample_<t>, heldout_<t>, quality_base_<t>, quality_<student>
+                            with mitigations: each teacher's numbers on held-out prompts, and every model's KL to its
+                            teacher on them and keep rate of its own numbers (`quality_stage`)
   eval_<model>              trait evaluation of every model on every target and candidate answer
   report                    <workdir>/report.json, report.md, report.png (written on every run, from the stages)
 
