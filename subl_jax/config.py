@@ -100,10 +100,11 @@ def defaults() -> mlc.ConfigDict:
       temperature=1.0,
       kd_tokens="numbers",    # 'all' (not subliminal: the trait word leaks) | 'topk' | 'numbers' (digits, separators,
       topk=20,                # end-of-turn: the subliminal analogue of the MNIST auxiliary logits)
-      mitigation="",          # issue #21 ('' = none; several composed with '+', e.g. 'mask+kl_base'): 'project' (the gradient off the
-                              # trait probe's when it would raise the trait), 'mask' (divergence tokens out of the
-                              # loss), 'kl_base' (a KL-to-base penalty), 'shuffle_within' | 'shuffle_across' (the
-                              # numbers shuffled, as the study's conditions); settings in the `mitigation` section
+      mitigation="",          # issue #21 ('' = none; several composed with '+', e.g. 'mask+kl_base'): 'project'
+                              # (the gradient off the trait probe's when it would raise the trait), 'mask'
+                              # (divergence tokens out of the loss), 'kl_base' (a KL-to-base penalty),
+                              # 'shuffle_within' | 'shuffle_across' (the numbers shuffled, as the study's
+                              # conditions); settings in the `mitigation` section
   ))
   c.mitigation = mlc.ConfigDict(dict(  # settings of `distill.mitigation` (LLM) and `mnist.mitigations`; shared
                                        # by the study's mitigated conditions
@@ -272,7 +273,8 @@ def _validate_training(full: mlc.ConfigDict) -> None:
   _require(te.epochs > 0, "teacher.epochs", "a positive integer", te.epochs)
   _require(te.lr >= 0, "teacher.lr", "a learning rate >= 0 (0 = train.opt.lr)", te.lr)
   d = full.distill
-  for m in ([d.mitigation] if d.mitigation else []) + [x.strip() for x in full.study.mitigations.split(",") if x.strip()]:
+  listed = [x.strip() for x in full.study.mitigations.split(",") if x.strip()]
+  for m in ([d.mitigation] if d.mitigation else []) + listed:
     field = "distill.mitigation" if m == d.mitigation else "study.mitigations"
     parts = mitigation_parts(m)
     _require(bool(parts) and set(parts) <= set(MITIGATIONS) and len(set(parts)) == len(parts)

@@ -68,7 +68,8 @@ def test_student_objective_wraps_the_distillation_loss_in_the_loss_side_mitigati
   assert student_stage.objective(cfg, None) == objectives.SFT() and student_stage.input_roles(cfg) == ("data",)
   assert "mitigation.probe_questions" in student_stage.config_paths(cfg)
   cfg.distill.mitigation = ""
-  assert "distill.mitigation" not in student_stage.config_paths(cfg)  # an unmitigated student's fingerprint is as before
+  # an unmitigated student's fingerprint is as it was before mitigations existed
+  assert "distill.mitigation" not in student_stage.config_paths(cfg)
   for bad in ("mask+mask", "shuffle_within+shuffle_across", "kl"):
     cfg.distill.mitigation = bad
     with pytest.raises(ValueError, match="distill.mitigation"):

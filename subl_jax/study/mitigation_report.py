@@ -1,4 +1,5 @@
-"""The mitigations' part of the study report (issue #21): per mitigation, the transfer it removed and the quality it kept.
+"""The mitigations' part of the study report (issue #21): per mitigation, the transfer it removed and the quality it
+kept.
 
   transfer removed  1 − S_m / S_0, S the mean specificity over targets of the mitigated (m) and unmitigated (0)
                     students (`transfer.removed_fraction`: bootstrap over seeds and questions, and S_0 − S_m with a

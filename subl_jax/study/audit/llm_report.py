@@ -30,7 +30,8 @@ MIN_POINTS = 3  # below this a rank correlation over targets says nothing (with 
 DATA_ONLY = ("mean_kl", "frac_kl")
 ACTIVATION = ("act_norm", "act_distinct")  # per teacher: |v_T|, 1 − mean cos(v_T, v_S) over the other teachers
 NEEDS = {"act_norm": "teacher + base activations on the data (trait-agnostic)",
-         "act_distinct": "teacher + base activations on the data, other teachers' (trait-agnostic)","first_order_adam": "trait probe + student init + teacher (pre-training)",
+         "act_distinct": "teacher + base activations on the data, other teachers' (trait-agnostic)",
+         "first_order_adam": "trait probe + student init + teacher (pre-training)",
          "first_order_sgd": "trait probe + student init + teacher (pre-training)",
          "mean_kl": "data + teacher and base outputs only (trait-agnostic)",
          "frac_kl": "data + teacher and base outputs only (trait-agnostic)"}
@@ -217,7 +218,8 @@ def verdicts(doc: dict[str, Any]) -> dict[str, str]:
     if sp is not None:
       text += (f"; predicted specificity has the realised sign for {sp['sign_agrees']} of {sp['n']} targets, its "
                f"interval over batches excluding 0 for {sp['pred_excludes_0']}")
-      text += f" ({sp['note']})" if "note" in sp else f", ρ over targets {_num(sp['spearman'])} {_ci(sp['spearman_ci'])}"
+      text += (f" ({sp['note']})" if "note" in sp
+               else f", ρ over targets {_num(sp['spearman'])} {_ci(sp['spearman_ci'])}")
     out[k] = text + "."
   for k in DATA_ONLY + ACTIVATION:
     if k in cal:
