@@ -20,4 +20,5 @@ run: $(VENV)/.base
 	$(PY) -m subl_jax.main --config=configs/quickstart.py --workdir=runs/quickstart
 
 test: $(VENV)/.test
-	$(PY) -m pytest -q tests
+	$(PY) -c "from subl_jax.core import api; api.converted_smollm2()"  # the default model, once, before two workers
+	$(PY) -m pytest -q -n 2 tests
