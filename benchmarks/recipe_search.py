@@ -47,6 +47,11 @@ SETTINGS: dict[str, tuple[str, dict, str | None]] = {
     "sp_kd_r16": ("sp_kd at LoRA rank 16", {"train.lora.rank": 16, "train.lora.alpha": 16.0}, "sp_kd"),
     "sp_kd_t2": ("sp_kd at distillation temperature 2", {"distill.temperature": 2.0}, "sp_kd"),
     "ft_kd_3ep": ("fine-tuned teachers trained 3 epochs, number-token KD", FT | {"teacher.epochs": 3}, "ft_kd"),
+    "ft_kd_2ep": ("ft_kd students for 2 epochs", FT | {"train.epochs": 2}, "ft_kd"),
+    # the teacher keeps lr 1e-3 (a fine-tuned teacher trains with the `train` section unless `teacher.lr` is set; its
+    # LoRA rank always follows `train.lora`, so the students' rank is not searched with fine-tuned teachers)
+    "ft_kd_lr3e-4": ("ft_kd students at lr 3e-4 (teachers at 1e-3)", FT | {"train.opt.lr": 3e-4, "teacher.lr": 1e-3},
+                     "ft_kd"),
     "sp_kd_1024": ("sp_kd on 1,024 rows (4x the numbers and steps)",
                    {"sample.n_prompts": 1024, "sample.shard_size": 256}, "sp_kd"),
 }
