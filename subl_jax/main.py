@@ -147,8 +147,8 @@ def run(cfg, workdir: pathlib.Path) -> None:
   mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
   print(f"mesh {dict(mesh.shape)} over {mesh.size} device(s): {jax.devices()[0].platform}")
   result = JOBS[cfg.job](cfg, workdir, mesh)
-  if jax.process_index() == 0:
-    (workdir / f"{cfg.job}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+  if jax.process_index() == 0:  # not `<job>.json`: a job's own report may have that name (the audit's audit.json)
+    (workdir / f"{cfg.job}.summary.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

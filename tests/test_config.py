@@ -97,6 +97,22 @@ def test_main_runs_a_random_model_and_writes_the_resolved_config(tmp_path):
   resolved = json.loads((tmp_path / "config.json").read_text())
   assert resolved["model"]["spec"] == "random" and resolved["seed"] == 3
   assert resolved["chat"]["prompt"] == "Say hi."
-  chat = json.loads((tmp_path / "chat.json").read_text())
+  chat = json.loads((tmp_path / "chat.summary.json").read_text())
   assert chat["prompt"].endswith("<|im_start|>assistant\n") and "Say hi." in chat["prompt"]
   assert 1 <= chat["new_tokens"] <= 5
+
+
+def test_main_keeps_a_report_named_like_its_job(tmp_path, monkeypatch):
+  """The audit job writes its full report to `audit.json`; main's one-line summary must not replace it."""
+  from subl_jax import main as main_lib
+
+  def fake_audit(cfg, workdir, mesh):
+    (workdir / "audit.json").write_text('{"full": "report"}\n')
+    return {"summary": 1}
+
+  monkeypatch.setitem(main_lib.JOBS, "audit", fake_audit)
+  cfg = config_lib.defaults()
+  cfg.job = "audit"
+  main_lib.run(cfg, tmp_path)
+  assert json.loads((tmp_path / "audit.json").read_text()) == {"full": "report"}
+  assert json.loads((tmp_path / "audit.summary.json").read_text()) == {"summary": 1}
