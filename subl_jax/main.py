@@ -21,26 +21,20 @@ before. Off with `--compile_cache=false` or SUBL_JAX_COMPILE_CACHE=0; JAX's own 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import pathlib
 import sys
-import time
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from subl_jax import config as config_lib
-from subl_jax.core import api, parallel, perf, sampling
+from subl_jax import jobs
 from subl_jax import workdir_lock
+from subl_jax.core import parallel, perf
 from subl_jax.core.checkpoints import fetch
-from subl_jax.study.mnist.study import run_mnist_aux
-from subl_jax.study.sample_stage import run_sample
-from subl_jax.study import pipeline
-from subl_jax.study.audit import job as audit_job
 from subl_jax.core.training import checkpoint
-from subl_jax.study import train_jobs as training_jobs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py[:arg]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: resolved config and every artifact go here.")
@@ -87,31 +81,6 @@ def configure_compile_cache(enabled: bool) -> pathlib.Path | None:
   return path
 
 
-def run_chat(cfg, workdir: pathlib.Path, mesh) -> dict:
-  """Loads the model and answers one chat prompt (greedy by default)."""
-  t0 = time.time()
-  model = api.from_config(cfg.model, mesh, seed=cfg.seed)
-  t_load = time.time() - t0
-  messages = ([{"role": "system", "content": cfg.chat.system}] if cfg.chat.system else []) + [
-      {"role": "user", "content": cfg.chat.prompt}]
-  prompt = model.render_chat(messages)
-  t0 = time.time()
-  gen = sampling.generate(model, [model.tokenizer.encode(prompt)], cfg.chat.max_new_tokens,
-                          temperature=cfg.chat.temperature, seed=cfg.seed)
-  answer = model.tokenizer.decode(gen.tokens[0])
-  result = dict(prompt=prompt, answer=answer, new_tokens=len(gen.tokens[0]), load_s=round(t_load, 2),
-                generate_s=round(time.time() - t0, 2))
-  print(f"{prompt}{answer}\n\n[{result['new_tokens']} tokens in {result['generate_s']} s; "
-        f"model loaded in {result['load_s']} s]")
-  return result
-
-
-JOBS = {"chat": run_chat, "mnist_aux": run_mnist_aux, "train": training_jobs.run_train,
-        "teacher": training_jobs.run_teacher, "student": training_jobs.run_student, "sample": run_sample,
-        "study": lambda cfg, workdir, mesh: pipeline.run_study(cfg, workdir, mesh, stop=_STAGE.value),
-        "audit": audit_job.run_audit}
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -131,24 +100,13 @@ def main(argv: list[str]) -> None:
       print(f"subl_jax.main: {e}", file=sys.stderr)
       sys.exit(EXIT_WORKDIR_BUSY)
     try:
-      run(cfg, workdir)
+      jobs.run(cfg, workdir, stage=_STAGE.value)
     except checkpoint.Interrupted as e:
       # A scheduler's stop, not a crash: one line, no traceback, an exit status of its own.
       notes = "".join(f"; {n}" for n in getattr(e, "__notes__", ()))
       print(f"subl_jax.main: job {cfg.job!r} in {workdir} {e}{notes}; re-run the same command to resume",
             file=sys.stderr)
       sys.exit(EXIT_INTERRUPTED)
-
-
-def run(cfg, workdir: pathlib.Path) -> None:
-  """The job of a validated config in a locked workdir."""
-  if jax.process_index() == 0:
-    (workdir / "config.json").write_text(cfg.to_json(indent=2) + "\n")
-  mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-  print(f"mesh {dict(mesh.shape)} over {mesh.size} device(s): {jax.devices()[0].platform}")
-  result = JOBS[cfg.job](cfg, workdir, mesh)
-  if jax.process_index() == 0:  # not `<job>.json`: a job's own report may have that name (the audit's audit.json)
-    (workdir / f"{cfg.job}.summary.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

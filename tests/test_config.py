@@ -104,15 +104,16 @@ def test_main_runs_a_random_model_and_writes_the_resolved_config(tmp_path):
 
 def test_main_keeps_a_report_named_like_its_job(tmp_path, monkeypatch):
   """The audit job writes its full report to `audit.json`; main's one-line summary must not replace it."""
-  from subl_jax import main as main_lib
+  from subl_jax import jobs
 
   def fake_audit(cfg, workdir, mesh):
     (workdir / "audit.json").write_text('{"full": "report"}\n')
     return {"summary": 1}
 
-  monkeypatch.setitem(main_lib.JOBS, "audit", fake_audit)
+  monkeypatch.setitem(jobs.JOBS, "audit", fake_audit)
   cfg = config_lib.defaults()
   cfg.job = "audit"
-  main_lib.run(cfg, tmp_path)
+  jobs.run(cfg, tmp_path)
   assert json.loads((tmp_path / "audit.json").read_text()) == {"full": "report"}
   assert json.loads((tmp_path / "audit.summary.json").read_text()) == {"summary": 1}
+  assert sorted(jobs.JOBS) == sorted(config_lib.JOBS)  # every job the config accepts is one main can run
