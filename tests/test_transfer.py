@@ -230,6 +230,13 @@ def test_verdict_other_students_below_base_is_not_transfer():
   assert v.startswith("owl: not transfer") and "specific transfer" not in v
 
 
+def test_verdict_specificity_below_zero_is_reversed_not_just_not_significant():
+  data = synthetic([-0.5, 0.0, 0.0], n_seeds=3)  # the owl teacher's students move owl down; the others do not
+  v = transfer.verdict(data)
+  assert v["owl"].startswith("owl: reversed (specificity -0.4") and "below 0" in v["owl"]
+  assert not v["dolphin"].startswith("dolphin: reversed")
+
+
 def test_teacher_strength_and_flag():
   ts = transfer.teacher_strength(hand_data())
   # owl teacher on owl: 2, 3, 4; the others' mean on owl: (0 + .5)/2, (0 + .5)/2, (0 - 1)/2 -> d = 1.75, 2.75, 4.5

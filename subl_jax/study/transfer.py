@@ -213,9 +213,10 @@ def profile_coefficient(data: TransferData, n_boot: int = 2000, seed: int = 0,
           "n_boot": n_boot, "seed": seed, "resampled": "questions and seeds" if n_k > 1 else "questions"}
 
 
-def _significant_positive(s: dict[str, Any], level: float) -> bool:
-  lo = s[stats.ci_key(s)][0]
-  return s["n"] > 1 and lo > 0 and (s.get("p") is None or s["p"] < 1 - level)
+def _significant_positive(s: dict[str, Any], level: float, sign: int = 1) -> bool:
+  """The interval lies above 0 (`sign` −1: below 0) and, where the summary has one, p < 1 − level."""
+  lo, hi = s[stats.ci_key(s)]
+  return s["n"] > 1 and (lo > 0 if sign > 0 else hi < 0) and (s.get("p") is None or s["p"] < 1 - level)
 
 
 def teacher_strength(data: TransferData, level: float = 0.95) -> dict[str, Any]:
@@ -249,7 +250,8 @@ def verdict(data: TransferData, targets: Sequence[str] | None = None, level: flo
   own student's Δ on t are significantly positive: the primary interval (over seeds; over questions with one
   seed, flagged "no across-seed interval") lies above 0 and the paired p < 1 − level. A significant own Δ without
   significant specificity is a "shift not specific to the trait"; a significant specificity without a significant own
-  Δ is other teachers' students moving t down, not transfer. With teachers given, a teacher without a significant
+  Δ is other teachers' students moving t down, not transfer; a specificity significantly below 0 is "reversed" (the
+  trait's own students move t less than the others do). With teachers given, a teacher without a significant
   specific shift of its own is flagged."""
   strength = teacher_strength(data, level) if data.teacher is not None else {}
   out = {}
@@ -271,6 +273,9 @@ def verdict(data: TransferData, targets: Sequence[str] | None = None, level: flo
     elif spec_ok:
       text = (f"{t}: not transfer (own student {fmt(diag)} vs base, not significantly above 0; {spec_txt} comes "
               f"from other teachers' students moving {t} down more)")
+    elif _significant_positive(spec_s, level, sign=-1):
+      text = (f"{t}: reversed ({spec_txt}, below 0: the {t} teacher's students move {t} less than the other "
+              f"teachers' students do; own student {fmt(diag)} vs base)")
     else:
       text = f"{t}: not significant ({spec_txt}; own student {fmt(diag)} vs base)"
     if t in strength and not strength[t]["significant"]:
