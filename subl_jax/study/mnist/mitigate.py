@@ -29,7 +29,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from subl_jax.study import stages, stats
 from subl_jax.study.mnist import data as data_lib
