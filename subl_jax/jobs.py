@@ -15,7 +15,6 @@ from subl_jax.study import pipeline
 from subl_jax.study import train_jobs as training_jobs
 from subl_jax.study.audit import job as audit_job
 from subl_jax.study.mnist.study import run_mnist_aux
-from subl_jax.study.sample_stage import run_sample
 
 
 def run_chat(cfg, workdir: pathlib.Path, mesh) -> dict:
@@ -38,7 +37,7 @@ def run_chat(cfg, workdir: pathlib.Path, mesh) -> dict:
 
 
 JOBS = {"chat": run_chat, "mnist_aux": run_mnist_aux, "train": training_jobs.run_train,
-        "teacher": training_jobs.run_teacher, "student": training_jobs.run_student, "sample": run_sample,
+        "teacher": training_jobs.run_teacher, "student": training_jobs.run_student, "sample": training_jobs.run_sample,
         "study": pipeline.run_study,
         "audit": audit_job.run_audit}
 

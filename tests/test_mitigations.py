@@ -345,6 +345,7 @@ def test_trainer_runs_every_mitigation_together(tmp_path):
   rows = [r for r in metrics_log.read(tmp_path) if "loss" in r]
   assert sum(r["loss_tokens"] for r in rows) == stats["positions"] - stats["masked"]
   assert all(np.isfinite(r["loss"]) for r in rows)
+  assert all(r["projected"] in (0.0, 1.0) for r in rows)  # one step per row (log_every=1): projected or not
   s = result.summary
   assert s["project_off"] and s["objective"]["name"] == "MaskPositions" and s["data"]["masked_loss_tokens"] == \
       stats["masked"]

@@ -158,7 +158,7 @@ def test_config_sections_validate():
 
 def test_sample_job_end_to_end_with_format_constraint(tmp_path):
   """A random model cannot write numbers on its own; with format-constrained decoding its rows pass the filter."""
-  from subl_jax.study.sample_stage import run_sample
+  from subl_jax.study.train_jobs import run_sample
   cfg = config.defaults()
   cfg.job, cfg.model.spec = "sample", "random"
   cfg.sample.update(dict(n_prompts=6, target="owl", max_new_tokens=8, batch_size=4, shard_size=4,

@@ -73,16 +73,3 @@ def summary(sample_dir: pathlib.Path, filter_dir: pathlib.Path) -> dict:
   print(f"{sample_dir.name}: sampled {result['sample']['n_rows']} completions; kept {f['n_passed_filter']} "
         f"({100 * f['keep_rate']:.1f} %), wrote {f['n_written']} rows to {result['filtered']}")
   return result
-
-
-def run_sample(cfg: Any, workdir: pathlib.Path, mesh: Any) -> dict:
-  """Job `sample`: the base model's completions of the paper's prompts under `sample`'s system prompt (the paper's
-  teacher prompt for `sample.target`), then the filter; returns both summaries."""
-  from subl_jax.study import stage_table  # deferred: the table imports this module
-  ctx = context.Context(cfg, mesh, local_mesh(cfg, mesh))
-  teacher = stages.run(stage_table.PROMPTED, cfg, workdir, "prompted", {},
-                       params={"system": system_prompt(cfg.sample)})
-  sample_dir = stages.run(stage_table.SAMPLE, cfg, workdir, "sample", {"teacher": teacher},
-                          params={"identity": model_id(cfg)}, ctx=ctx)
-  filter_dir = stages.run(stage_table.FILTER, cfg, workdir, "filter", {"samples": sample_dir})
-  return summary(sample_dir, filter_dir) if jax.process_index() == 0 else {}

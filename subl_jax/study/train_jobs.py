@@ -1,14 +1,19 @@
-"""The training jobs of `subl_jax.main`: `train` (SFT on a JSONL), `teacher` and `student` (stages in `workdir`)."""
+"""The stage jobs of `subl_jax.main`: `train` (SFT on a JSONL), `teacher`, `student` and `sample` (stages in `workdir`).
+
+They live here, not in the stage modules, because they need the stage table: a stage module that imported it would
+hash every stage's code into its own fingerprint."""
 
 from __future__ import annotations
 
 import pathlib
 
 import ml_collections as mlc
+import jax
 from jax.sharding import Mesh
 
 from subl_jax.study import stage_table, stages
 from subl_jax.study import context
+from subl_jax.study import sample_stage as sample_job
 
 
 def _result(stage_dir: pathlib.Path) -> dict:
@@ -46,3 +51,15 @@ def run_student(cfg: mlc.ConfigDict, workdir: pathlib.Path, mesh: Mesh) -> dict:
   if "teacher" in student_stage.input_roles(cfg):
     inputs["teacher"] = stages.run(stage_table.TEACHER, cfg, workdir, "teacher", {}, ctx=ctx)
   return _result(stages.run(stage_table.STUDENT, cfg, workdir, "student", inputs, ctx=ctx))
+
+
+def run_sample(cfg: mlc.ConfigDict, workdir: pathlib.Path, mesh: Mesh) -> dict:
+  """Job `sample`: the base model's completions of the paper's prompts under `sample`'s system prompt (the paper's
+  teacher prompt for `sample.target`), then the filter; returns both summaries."""
+  ctx = context.Context(cfg, mesh, sample_job.local_mesh(cfg, mesh))
+  teacher = stages.run(stage_table.PROMPTED, cfg, workdir, "prompted", {},
+                       params={"system": sample_job.system_prompt(cfg.sample)})
+  sample_dir = stages.run(stage_table.SAMPLE, cfg, workdir, "sample", {"teacher": teacher},
+                          params={"identity": sample_job.model_id(cfg)}, ctx=ctx)
+  filter_dir = stages.run(stage_table.FILTER, cfg, workdir, "filter", {"samples": sample_dir})
+  return sample_job.summary(sample_dir, filter_dir) if jax.process_index() == 0 else {}

@@ -41,6 +41,15 @@ class FiniteGuard(Hook):
                             f"{self.context(step)}")
 
 
+# Metrics MetricsLogger writes under names of its own; any other a step returns is logged as its mean over the row's
+# steps (gradient projection's `projected`, 1 when the step was projected: the share of projected steps).
+_LOGGED = frozenset({"loss", "loss_tokens", "grad_norm", "tokens", "examples", "flops"})
+
+
+def _other_metrics(rows: list[Metrics]) -> dict[str, float]:
+  return {k: float(np.mean([float(m[k]) for m in rows])) for k in rows[0] if k not in _LOGGED} if rows else {}
+
+
 class MetricsLogger(Hook):
   """A row every `every` steps (and at the last): the token-weighted mean loss, mean gradient norm, learning rate,
   throughput, and MFU against `peak_flops` when given. The loop's first step is a row of its own (`first_step_s`):
@@ -65,7 +74,7 @@ class MetricsLogger(Hook):
       m = self.rows[-1]
       self.log.write(dict(step=step, epoch=(step - 1) // self.spe, lr=self.lr(step - 1), loss=float(m["loss"]),
                           grad_norm=float(m["grad_norm"]), loss_tokens=int(m["loss_tokens"]),
-                          first_step_s=time.perf_counter() - self.t_mark))
+                          first_step_s=time.perf_counter() - self.t_mark, **_other_metrics([m])))
       self._reset()
       return
     for k in self.interval:
@@ -88,7 +97,7 @@ class MetricsLogger(Hook):
                examples_per_s=self.interval["examples"] / dt)
     if self.peak_flops:
       row["mfu"] = self.interval["flops"] / dt / self.peak_flops
-    self.log.write(row)
+    self.log.write(row | _other_metrics(self.rows))
     self._reset()
 
   def _reset(self) -> None:
