@@ -1,8 +1,7 @@
 """Shared fixtures. Tests run on CPU; sharding tests set 8 fake host devices before jax initialises.
 
 `make test` runs them in two processes (pytest-xdist) sharing one persistent compilation cache: many tests compile the
-same small programs, and compiling dominates their time (measured on 2 cores, test_training + test_mitigations:
-172 s one process without the cache, 132 s two processes with it)."""
+same small programs (timings: docs/performance.md, "The test suite")."""
 
 import os
 import pathlib

@@ -139,14 +139,19 @@ def test_second_sigterm_falls_through_to_the_previous_disposition(previous):
 
 def test_second_sigint_raises_keyboard_interrupt():
   from subl_jax.core.training.checkpoint import StopRequest
-  with pytest.raises(KeyboardInterrupt):
-    with StopRequest() as stop:
-      os.kill(os.getpid(), signal.SIGINT)
-      time.sleep(0.05)
-      assert stop.requested == signal.SIGINT
-      os.kill(os.getpid(), signal.SIGINT)
-      time.sleep(1)
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  # Python's own SIGINT handler before the stop, whatever the test worker had installed (xdist workers may differ)
+  outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert stop.requested == signal.SIGINT
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  finally:
+    signal.signal(signal.SIGINT, outer)
 
 
 # --------------------------------------------------------------------------------------------- report
