@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pathlib
 
-import ml_collections as mlc
 import jax
+import ml_collections as mlc
 from jax.sharding import Mesh
 
 from subl_jax.study import stage_table, stages

@@ -213,8 +213,8 @@ def profile_coefficient(data: TransferData, n_boot: int = 2000, seed: int = 0,
           "n_boot": n_boot, "seed": seed, "resampled": "questions and seeds" if n_k > 1 else "questions"}
 
 
-def _significant_positive(s: dict[str, Any], level: float, sign: int = 1) -> bool:
-  """The interval lies above 0 (`sign` −1: below 0) and, where the summary has one, p < 1 − level."""
+def _significant(s: dict[str, Any], level: float, sign: int = 1) -> bool:
+  """The interval lies above 0 (`sign` 1) or below 0 (`sign` −1) and, where the summary has one, p < 1 − level."""
   lo, hi = s[stats.ci_key(s)]
   return s["n"] > 1 and (lo > 0 if sign > 0 else hi < 0) and (s.get("p") is None or s["p"] < 1 - level)
 
@@ -228,7 +228,7 @@ def teacher_strength(data: TransferData, level: float = 0.95) -> dict[str, Any]:
     a = data.answers.index(t)
     own = ttest(tdel[i, a], level)
     spec = ttest(tdel[i, a] - np.delete(tdel[:, a], i, axis=0).mean(axis=0), level) if len(data.traits) > 1 else None
-    ok = _significant_positive(spec or own, level)
+    ok = _significant(spec or own, level)
     out[t] = {"profile": {ans: stats.mean_ci(tdel[i, j], level) for j, ans in enumerate(data.answers)},
               "own": own, "specificity": spec, "significant": ok,
               "note": None if ok else (f"the teacher of {t} shows no significant specific shift toward {t}: "
@@ -264,7 +264,7 @@ def verdict(data: TransferData, targets: Sequence[str] | None = None, level: flo
     where = (f"{data.n_questions} questions, 1 seed: no across-seed interval" if one_seed
              else f"{data.n_seeds} seeds")
     spec_txt = f"specificity {fmt(spec_s)}, {where}, {p_text(sp['paired']['p'])}"
-    spec_ok, diag_ok = _significant_positive(spec_s, level), _significant_positive(diag, level)
+    spec_ok, diag_ok = _significant(spec_s, level), _significant(diag, level)
     if spec_ok and diag_ok:
       text = f"{t}: specific transfer ({spec_txt})"
     elif diag_ok:
@@ -273,7 +273,7 @@ def verdict(data: TransferData, targets: Sequence[str] | None = None, level: flo
     elif spec_ok:
       text = (f"{t}: not transfer (own student {fmt(diag)} vs base, not significantly above 0; {spec_txt} comes "
               f"from other teachers' students moving {t} down more)")
-    elif _significant_positive(spec_s, level, sign=-1):
+    elif _significant(spec_s, level, sign=-1):
       text = (f"{t}: reversed ({spec_txt}, below 0: the {t} teacher's students move {t} less than the other "
               f"teachers' students do; own student {fmt(diag)} vs base)")
     else:
@@ -313,4 +313,4 @@ def removed_fraction(plain: TransferData, mitigated: TransferData, n_boot: int =
                       if ratio.size else [None, None], "n_boot": n_boot, "n_left_out": int((~ok).sum())},
           "difference": stats.mean_ci(s0.mean(axis=1) - sm.mean(axis=1), level),
           "plain": plain_s["over_seeds"], "mitigated": mean_specificity(mitigated, level=level)["over_seeds"],
-          "plain_significant": _significant_positive(plain_s["over_seeds"] | {"p": plain_s["paired"]["p"]}, level)}
+          "plain_significant": _significant(plain_s["over_seeds"] | {"p": plain_s["paired"]["p"]}, level)}
