@@ -14,7 +14,7 @@ from subl_jax.core import api, parallel, sampling
 from subl_jax.study import pipeline
 from subl_jax.study import train_jobs as training_jobs
 from subl_jax.study.audit import job as audit_job
-from subl_jax.study.mnist.study import run_mnist_aux
+from subl_jax.study.mnist.job import run_mnist_aux
 
 
 def run_chat(cfg, workdir: pathlib.Path, mesh) -> dict:

@@ -107,7 +107,7 @@ def test_mnist_mitigations_train_one_stage_each_and_report_removed_and_kept(tmp_
   """Every MNIST mitigation as a stage of the study, on 4 small models; projection with the probe's own gradient
   removes that direction (tested at the step in test_mitigations), masking at threshold 0 drops every image with any
   divergence (so that student stays at its init), and the report carries the removed / kept table."""
-  from subl_jax.study.mnist import mitigate, study as mnist_study
+  from subl_jax.study.mnist import job as mnist_job, mitigate, study as mnist_study
   cfg = config.defaults()
   cfg.job = "mnist_aux"
   cfg.mnist.update(dict(dataset="digits", n_models=4, hidden=16, teacher_epochs=1, student_epochs=1, n_noise=256,
@@ -116,7 +116,7 @@ def test_mnist_mitigations_train_one_stage_each_and_report_removed_and_kept(tmp_
   cfg.mitigation.mask_threshold = 0.0  # every image where teacher and init differ at all
   config.validate(cfg, n_devices=1)
   mesh = parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  out = mnist_study.run_mnist_aux(cfg, tmp_path, mesh)
+  out = mnist_job.run_mnist_aux(cfg, tmp_path, mesh)
   doc = json.loads((tmp_path / "report.json").read_text())
   rows = doc["mitigations"]
   assert set(rows) == {f"student_aux_{k}" for k in mitigate.KINDS} | {"cross_init_aux"}

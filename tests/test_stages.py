@@ -149,3 +149,12 @@ def test_stage_table_code_closures_are_specific():
   evaluate = closure("subl_jax.study.evaluate_stage")
   assert "subl_jax.study.evaluation" in evaluate and "subl_jax.core.training.trainer" not in evaluate
   assert "subl_jax.study.stages" not in evaluate  # the bookkeeping is not stage code
+  # No stage's code reaches the table itself (or the study that orders the stages): else an edit to any stage, the
+  # report or a job would re-run them all.
+  from subl_jax.study import stage_table
+  kinds = [v for v in vars(stage_table).values() if isinstance(v, stages.Stage)]
+  assert len(kinds) > 10
+  for kind in kinds:
+    for module in kind.code:
+      reached = closure(module)
+      assert not reached & {"subl_jax.study.stage_table", "subl_jax.study.pipeline", "subl_jax.jobs"}, (kind.kind, module)

@@ -4,7 +4,7 @@ A stage's fingerprint (`subl_jax.study.stages`) hashes exactly the declared conf
 inputs' fingerprints and the source of the declared modules (with every package module they import). So a changed
 `model.remat_policy` re-trains but does not re-sample, a fix to the filter re-runs the filter and what follows, and
 a moved workdir is still cached. The LLM study (`study.pipeline`), the jobs `sample`, `teacher`, `student` and
-`train`, and the MNIST study (`mnist.study`) all run their stages from this table.
+`train`, and the MNIST study (`mnist.job`) all run their stages from this table.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from subl_jax.study import study_report
 from subl_jax.core.training import export, metrics_log
 from subl_jax.study.audit import llm_report, mnist_report
 from subl_jax.study.data import filter_stage
-from subl_jax.study.mnist import study as mnist_study
+from subl_jax.study.mnist import job as mnist_job, study as mnist_study
 
 def run_mnist(cfg: Any, workdir: pathlib.Path, mesh: Mesh) -> dict[str, Any]:
   points = []
@@ -37,7 +37,7 @@ def run_mnist(cfg: Any, workdir: pathlib.Path, mesh: Mesh) -> dict[str, Any]:
     sub = workdir / f"m{m}"
     s = mnist_study.make_setup(c.mnist, c.seed, mesh)
     print(f"audit: MNIST study with m={m} in {sub}", flush=True)
-    dirs = mnist_study.run_stages(c, s, sub)
+    dirs = mnist_job.run_stages(c, s, sub)
     for condition in mnist_study.STUDENTS:
       d = stages.run(stage_table.MNIST_AUDIT, c, sub, f"audit_{condition}",
                      {"inits": dirs["inits"], "teacher": dirs["teacher"], "student": dirs[condition]},
