@@ -308,14 +308,24 @@ def test_lock_is_released_when_its_holder_is_killed(tmp_path):
     assert json.loads(lock.read_text())["pid"] == os.getpid()
 
 
+# What `main` does with `--compile_cache` before its job compiles anything: configure, then compile one program.
+CACHE_PROBE = ("import sys, jax, jax.numpy as jnp; from subl_jax import main; "
+               "main.configure_compile_cache(sys.argv[1] == 'on'); "
+               "jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((64, 64))).block_until_ready()")
+
+
 def test_compilation_cache_on_by_default_off_by_flag_or_env(tmp_path):
-  config = tiny_train_job(tmp_path, epochs=1)
-  runs = {"on": ([], {}), "flag off": (["--compile_cache=false"], {}),
-          "env off": ([], {"SUBL_JAX_COMPILE_CACHE": "0"})}
-  for name, (flags, env) in runs.items():
+  # on: a real job writes entries
+  config, cache = tiny_train_job(tmp_path, epochs=1), tmp_path / "on"
+  proc = subprocess.run(main_args(config, tmp_path / "run"), cwd=ROOT, env=main_env(cache), capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert cache_entries(cache)
+  # off by the flag's value or by the variable; the same probe with neither writes (so "nothing written" means off)
+  runs = {"flag on": ("on", {}), "flag off": ("off", {}), "env off": ("on", {"SUBL_JAX_COMPILE_CACHE": "0"})}
+  for name, (flag, env) in runs.items():
     cache = tmp_path / name.replace(" ", "_")
-    proc = subprocess.run(main_args(config, tmp_path / f"run_{cache.name}", *flags), cwd=ROOT,
-                          env=main_env(cache) | env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", CACHE_PROBE, flag], cwd=ROOT, env=main_env(cache) | env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (name, proc.stderr[-3000:])
-    entries = cache_entries(cache)
-    assert bool(entries) == (name == "on"), (name, entries)
+    assert bool(cache_entries(cache)) == (name == "flag on"), (name, cache_entries(cache))
