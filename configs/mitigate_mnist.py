@@ -24,6 +24,6 @@ from subl_jax import config as config_lib
 
 def get_config(arg: str | None = None):
   c = config_lib.from_file(pathlib.Path(__file__).with_name("mnist_aux.py"), arg)
-  c.mnist.mitigations = "project,mask,kl_base,shuffle_within,shuffle_across"
+  c.mnist.mitigations = "project,project_update,mask,kl_base,shuffle_within,shuffle_across"
   c.mitigation.mask_threshold = 0.01
   return c

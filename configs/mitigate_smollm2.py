@@ -20,5 +20,5 @@ from subl_jax import config as config_lib
 def get_config(arg: str | None = None):
   del arg
   c = config_lib.from_file(pathlib.Path(__file__).with_name("demo_cpu.py"))
-  c.study.mitigations = "project,mask,kl_base,shuffle_within"
+  c.study.mitigations = "project,project_update,mask,kl_base,shuffle_within,shuffle_across"
   return c

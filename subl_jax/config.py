@@ -25,8 +25,7 @@ from subl_jax.core.training.mitigations import parts as mitigation_parts
 TEACHER_KINDS = ("system_prompt", "finetuned", "jsonl")
 DISTILL_MODES = ("sft", "logit_kd")
 STUDY_CONDITIONS = ("icl", "shuffle_within", "shuffle_across")
-MITIGATIONS = ("project", "mask", "kl_base", "shuffle_within", "shuffle_across")
-MNIST_MITIGATIONS = ("project", "mask", "kl_base", "shuffle_within", "shuffle_across")
+MITIGATIONS = ("project", "project_update", "mask", "kl_base", "shuffle_within", "shuffle_across")
 
 AUDIT_STUDIES = ("mnist", "llm")
 
@@ -68,7 +67,7 @@ def defaults() -> mlc.ConfigDict:
       n_noise=0,              # fixed noise images per model; 0 = preset (mnist 60,000)
       opt=mlc.ConfigDict(dict(optim.DEFAULTS, lr=0.0)),  # lr 0 = preset (mnist Adam 3e-4)
       mitigations="",         # mitigated auxiliary-logit students (same init), comma-separated: any of
-                              # MNIST_MITIGATIONS; each a stage `student_aux_<m>` and a row of the report
+                              # MITIGATIONS; each a stage `student_aux_<m>` and a row of the report
   ))
   c.train = mlc.ConfigDict(dict(  # SFT / LoRA / distillation; defaults: the paper's open-weight recipe (§5)
       data="",                # job 'train': JSONL of {"prompt", "completion"} or {"messages": [...]} rows
@@ -101,7 +100,8 @@ def defaults() -> mlc.ConfigDict:
       kd_tokens="numbers",    # 'all' (not subliminal: the trait word leaks) | 'topk' | 'numbers' (digits, separators,
       topk=20,                # end-of-turn: the subliminal analogue of the MNIST auxiliary logits)
       mitigation="",          # issue #21 ('' = none; several composed with '+', e.g. 'mask+kl_base'): 'project'
-                              # (the gradient off the trait probe's when it would raise the trait), 'mask'
+                              # (the gradient off the trait probe's when it would raise the trait),
+                              # 'project_update' (the optimizer's update off it, either sign), 'mask'
                               # (divergence tokens out of the loss), 'kl_base' (a KL-to-base penalty),
                               # 'shuffle_within' | 'shuffle_across' (the numbers shuffled, as the study's
                               # conditions); settings in the `mitigation` section
@@ -278,8 +278,9 @@ def _validate_training(full: mlc.ConfigDict) -> None:
     field = "distill.mitigation" if m == d.mitigation else "study.mitigations"
     parts = mitigation_parts(m)
     _require(bool(parts) and set(parts) <= set(MITIGATIONS) and len(set(parts)) == len(parts)
-             and sum(p.startswith("shuffle_") for p in parts) <= 1, field,
-             f"mitigations of {MITIGATIONS} joined by '+' (at most one shuffle), e.g. 'mask+kl_base'", m)
+             and sum(p.startswith("shuffle_") for p in parts) <= 1 and sum(p.startswith("project") for p in parts) <= 1,
+             field, f"mitigations of {MITIGATIONS} joined by '+' (at most one shuffle, one projection), e.g. "
+             "'mask+kl_base'", m)
   mi = full.mitigation
   _require(mi.kl_weight >= 0, "mitigation.kl_weight", "a weight >= 0", mi.kl_weight)
   _require(mi.kl_until_step >= 0, "mitigation.kl_until_step", "steps >= 0 (0 = every step)", mi.kl_until_step)
@@ -287,8 +288,8 @@ def _validate_training(full: mlc.ConfigDict) -> None:
   _require(mi.probe_questions > 0, "mitigation.probe_questions", "a positive integer", mi.probe_questions)
   _require(mi.quality_prompts > 0, "mitigation.quality_prompts", "a positive integer", mi.quality_prompts)
   mm = [x.strip() for x in full.mnist.mitigations.split(",") if x.strip()]
-  _require(set(mm) <= set(MNIST_MITIGATIONS) and len(set(mm)) == len(mm), "mnist.mitigations",
-           f"a comma-separated subset of {MNIST_MITIGATIONS}", full.mnist.mitigations)
+  _require(set(mm) <= set(MITIGATIONS) and len(set(mm)) == len(mm), "mnist.mitigations",
+           f"a comma-separated subset of {MITIGATIONS}", full.mnist.mitigations)
   _require(d.mode in DISTILL_MODES, "distill.mode", f"one of {DISTILL_MODES}", d.mode)
   _require(d.temperature > 0, "distill.temperature", "a temperature > 0", d.temperature)
   _require(d.kd_tokens in KD_TOKENS, "distill.kd_tokens", f"one of {KD_TOKENS}", d.kd_tokens)

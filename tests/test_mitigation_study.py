@@ -39,9 +39,9 @@ def test_a_study_with_mitigations_trains_each_beside_the_plain_student_and_repor
   info = json.loads((tmp_path / f"student_owl_{m}_s0" / "stage.json").read_text())
   assert info["mitigation"] == m and info["mask"]["fraction"] > 0  # threshold 0: KL > 0 almost everywhere
   assert info["train"]["objective"]["name"] == "KLToBase" and info["train"]["objective"]["inner"]["name"] == \
-      "MaskPositions" and info["train"]["project_off"]
+      "MaskPositions" and info["train"]["project"] == "gradient"
   plain = json.loads((tmp_path / "student_owl_s0" / "stage.json").read_text())
-  assert "mitigation" not in plain and not plain["train"]["project_off"]
+  assert "mitigation" not in plain and plain["train"]["project"] == ""
   q = quality_stage.read(tmp_path / "quality_student_owl_s0")
   assert q["kl_numbers"] >= 0 and q["kl_all"] >= 0 and 0 <= q["keep_rate"] <= 1 and q["n"] == 4
   assert set(doc["mitigations"]) == {m}
@@ -67,10 +67,12 @@ def test_student_objective_wraps_the_distillation_loss_in_the_loss_side_mitigati
   cfg.distill.mitigation = "project+shuffle_across"
   assert student_stage.objective(cfg, None) == objectives.SFT() and student_stage.input_roles(cfg) == ("data",)
   assert "mitigation.probe_questions" in student_stage.config_paths(cfg)
+  cfg.distill.mitigation = "project_update"
+  assert "mitigation.probe_questions" in student_stage.config_paths(cfg)
   cfg.distill.mitigation = ""
   # an unmitigated student's fingerprint is as it was before mitigations existed
   assert "distill.mitigation" not in student_stage.config_paths(cfg)
-  for bad in ("mask+mask", "shuffle_within+shuffle_across", "kl"):
+  for bad in ("mask+mask", "shuffle_within+shuffle_across", "project+project_update", "kl"):
     cfg.distill.mitigation = bad
     with pytest.raises(ValueError, match="distill.mitigation"):
       config.validate(cfg, n_devices=1)

@@ -275,6 +275,22 @@ def test_projection_removes_the_trait_component_only_when_the_step_would_raise_t
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_update_projection_removes_the_trait_component_whatever_its_sign():
+  project = jax.jit(mitigations.project_update_off)
+  for seed, cos in ((3, -0.6), (4, 0.6)):  # a step that lowers the trait, one that raises it: both lose it
+    u, d = pytrees(seed, cos)
+    out, projected = project(u, d)
+    norm = np.sqrt(dot64(u, u) * dot64(d, d))
+    assert bool(projected) and abs(dot64(u, d)) > 0.5 * norm and abs(dot64(out, d)) <= 1e-6 * norm
+    coef = dot64(u, d) / dot64(d, d)
+    for a, b, x in zip(jax.tree.leaves(out), jax.tree.leaves(u), jax.tree.leaves(d)):
+      np.testing.assert_allclose(np.asarray(a) - np.asarray(b), -coef * np.asarray(x), rtol=0, atol=1e-5)
+  out, projected = project(u, jax.tree.map(jnp.zeros_like, d))  # no direction: unchanged, bit for bit
+  assert not bool(projected)
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(u)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_projection_as_an_optax_transform_before_the_optimizer():
   g, d = pytrees(2, -0.6)
   tx = optax.chain(mitigations.project_off_transform(), optax.sgd(0.1))
@@ -297,8 +313,8 @@ def test_projected_sgd_step_is_orthogonal_to_the_probe_gradient_when_aligned():
             "opposed": buckets.collate_step(dataset(8, seed=103), np.arange(8), 1, 0)}
   tx = optim.make_optimizer(dict(name="sgd", lr=0.5), 4)
   adapters = nonzero_adapters()
-  spec = step_lib.StepSpec(TINY, LORA, project_off=True)
-  plain_spec = dataclasses.replace(spec, project_off=False)
+  spec = step_lib.StepSpec(TINY, LORA, project="gradient")
+  plain_spec = dataclasses.replace(spec, project="")
   grad = jax.jit(lambda t, b: step_lib.grads_and_loss(plain_spec, mesh, t, params, None, b)[0])(adapters, batch)
   fn, plain = step_lib.make_train_step(spec, tx, mesh), step_lib.make_train_step(plain_spec, tx, mesh)
   sh = step_lib.state_shardings(spec, tx, mesh)
@@ -324,6 +340,38 @@ def test_projected_sgd_step_is_orthogonal_to_the_probe_gradient_when_aligned():
     fn(state(), params, None, batch)
 
 
+def test_adam_step_projected_on_the_update_is_orthogonal_to_the_probe_gradient_and_on_the_gradient_is_not():
+  """Why 'update' exists: Adam rescales each coordinate, so a gradient made orthogonal to d = ∇ log P(probe) gives an
+  update that is not (here the update's cosine with d goes from +0.45 to −0.02, not 0: it now lowers the trait);
+  projecting the update itself leaves it orthogonal, for a probe this step would raise and for one it would lower."""
+  params, mesh = numpy_params(0), one_device_mesh()
+  ds = dataset(8, seed=7)
+  batch = step_lib.put_batch(buckets.collate_step(ds, np.arange(8), 2, 0), mesh)
+  probes = {"raised": buckets.collate_step(ds, np.arange(4), 1, 0),
+            "lowered": buckets.collate_step(dataset(8, seed=103), np.arange(8), 1, 0)}
+  tx = optim.make_optimizer(dict(name="adam", lr=1e-2), 4)
+  adapters = nonzero_adapters()
+  specs = {p: step_lib.StepSpec(TINY, LORA, project=p) for p in ("", "gradient", "update")}
+  sh = step_lib.state_shardings(specs[""], tx, mesh)
+  state = lambda: step_lib.init_state(jax.tree.map(jnp.copy, adapters), tx, sh)
+  steps = {p: step_lib.make_train_step(spec, tx, mesh) for p, spec in specs.items()}
+  update_of = lambda new: jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64),
+                                       new["trainable"], adapters)
+  plain = update_of(steps[""](state(), params, None, batch)[0])
+  for name, probe in probes.items():
+    probe = step_lib.put_batch(probe, mesh)
+    d = jax.jit(lambda t, p: step_lib.probe_direction(specs["update"], mesh, t, params, p))(adapters, probe)
+    cos = lambda u: dot64(u, d) / np.sqrt(dot64(u, u) * dot64(d, d))
+    assert (cos(plain) > 0.05) == (name == "raised") and abs(cos(plain)) > 0.05, cos(plain)
+    new, metrics = steps["update"](state(), params, None, batch, probe)
+    assert float(metrics["projected"]) == 1 and abs(cos(update_of(new))) < 1e-5, cos(update_of(new))
+    if name == "raised":
+      new, metrics = steps["gradient"](state(), params, None, batch, probe)
+      assert float(metrics["projected"]) == 1 and abs(cos(update_of(new))) > 0.01, cos(update_of(new))
+  with pytest.raises(ValueError, match="StepSpec.project='both'"):
+    step_lib.StepSpec(TINY, LORA, project="both")
+
+
 # --------------------------------------------------------------------------------------------- through the trainer
 
 def test_trainer_runs_every_mitigation_together(tmp_path):
@@ -347,6 +395,6 @@ def test_trainer_runs_every_mitigation_together(tmp_path):
   assert all(np.isfinite(r["loss"]) for r in rows)
   assert all(r["projected"] in (0.0, 1.0) for r in rows)  # one step per row (log_every=1): projected or not
   s = result.summary
-  assert s["project_off"] and s["objective"]["name"] == "MaskPositions" and s["data"]["masked_loss_tokens"] == \
+  assert s["project"] == "gradient" and s["objective"]["name"] == "MaskPositions" and s["data"]["masked_loss_tokens"] == \
       stats["masked"]
   json.dumps(s)

@@ -10,8 +10,11 @@
             the prompt + the completion); the student sees the prompt + the completion; completion positions align.
 `distill.mitigation` (issue #21; parts joined by '+', settings in the `mitigation` section), with either mode:
   project   every step's gradient loses its component along ∇ log P(trait) when the step would raise the trait
-            (`step.StepSpec.project_off`); the probe is the evaluation's sequences of the teacher's target (its
-            answer forms after the first `mitigation.probe_questions` questions, `evaluation.probe_examples`).
+            (`step.StepSpec.project` 'gradient'); the probe is the evaluation's sequences of the teacher's target
+            (its answer forms after the first `mitigation.probe_questions` questions, `evaluation.probe_examples`).
+  project_update
+            the optimizer's update loses its whole component along ∇ log P(trait), whatever its sign (`StepSpec.project`
+            'update'): no step raises or lowers the trait to first order. The same probe.
   mask      the completion positions where KL(teacher ‖ base) > `mitigation.mask_threshold` nats are left out of
             the loss (`divergence.dataset_masks`, before training; the fraction masked is recorded).
   kl_base   the loss plus `mitigation.kl_weight` · Σ KL(base ‖ student) (`mitigations.KLToBase`).
@@ -42,7 +45,8 @@ KD_NOTES = {
                "MNIST auxiliary logits",
 }
 # the `mitigation` fields each part reads (besides `distill.mitigation` itself)
-MITIGATION_FIELDS = {"project": ("mitigation.probe_questions", "teacher.target", "teacher.category"),
+PROBE_FIELDS = ("mitigation.probe_questions", "teacher.target", "teacher.category")
+MITIGATION_FIELDS = {"project": PROBE_FIELDS, "project_update": PROBE_FIELDS,
                      "mask": ("mitigation.mask_threshold",),
                      "kl_base": ("mitigation.kl_weight", "mitigation.kl_until_step")}
 MONITOR_FIELDS = ("audit.monitor_every", "audit.monitor_layer", "audit.probe_questions", "study.targets",
@@ -120,7 +124,8 @@ def work(job: stages.Job) -> dict:
     masks, info["mask"] = divergence.dataset_masks(model, teacher, ds, float(cfg.mitigation.mask_threshold))
     ds = dataclasses.replace(ds, drop=masks, teacher=ds.teacher if kd else None)
   obj = objective(cfg, model.tokenizer)
-  probe = trait_probe(cfg, model.tokenizer) if "project" in parts else None
+  project = "update" if "project_update" in parts else "gradient" if "project" in parts else ""
+  probe = trait_probe(cfg, model.tokenizer) if project else None
   monitor = None
   if cfg.audit.monitor_every:  # deferred import: the audit builds on this module
     from subl_jax.study.audit import monitor as monitor_lib
@@ -128,7 +133,7 @@ def work(job: stages.Job) -> dict:
     monitor = (cfg.audit.monitor_every, monitor_lib.live_signals(cfg, model, teacher, teacher_system, data, qs,
                                                                  monitor_answers(cfg), cfg.teacher.category))
   result = trainer.train(model, ds, cfg.train, out / export.TRAIN_DIR, objective=obj, teacher=teacher if kd else None,
-                         probe=probe, progress=ctx.progress, monitor=monitor)
+                         probe=probe, project=project or "gradient", progress=ctx.progress, monitor=monitor)
   info["train"] = result.summary
   if parts:
     info["mitigation"] = cfg.distill.mitigation

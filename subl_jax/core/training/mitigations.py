@@ -8,8 +8,11 @@
                                        KL above a threshold).
   project_off(grads, direction)        the gradient without its component along the trait direction d
                                        (∇ log P(trait)) when the descent step −g would raise the trait; the step
-                                       applies it to the gradient entering the optimizer (`StepSpec.project_off`),
-                                       `project_off_transform` is the same as an optax transform.
+                                       applies it to the gradient entering the optimizer (`StepSpec.project`
+                                       'gradient'), `project_off_transform` is the same as an optax transform.
+  project_update_off(updates, d)       the optimizer's update without its component along d, whatever its sign
+                                       (`StepSpec.project` 'update'): the step leaves log P(trait) unchanged to
+                                       first order, neither raised nor lowered.
 
 Shuffling the numbers (within or across responses) is a data stage: `subl_jax/study/data/shuffle.py`.
 """
@@ -109,11 +112,22 @@ def tree_dot(a: Any, b: Any) -> jax.Array:
 def project_off(grads: Any, direction: Any) -> tuple[Any, jax.Array]:
   """(grads', projected): when the descent step −g raises the trait (−g·d > 0, d = ∇ log P(trait)), g' =
   g − (g·d / |d|²) d, so the step is orthogonal to d; otherwise g itself (bitwise). A zero d projects nothing."""
-  gd, dd = tree_dot(grads, direction), tree_dot(direction, direction)
-  projected = gd < 0  # also false for d = 0 (gd = 0)
-  coef = gd / jnp.where(dd > 0, dd, 1.0)
-  out = jax.tree.map(lambda g, d: jnp.where(projected, (g - coef * d).astype(g.dtype), g), grads, direction)
-  return out, projected
+  gd = tree_dot(grads, direction)
+  return _remove_component(grads, direction, gd, gd < 0)  # gd < 0 is also false for d = 0 (gd = 0)
+
+
+def project_update_off(updates: Any, direction: Any) -> tuple[Any, jax.Array]:
+  """(updates', projected): u' = u − (u·d / |d|²) d for the parameter update u (the optimizer's output, added to the
+  parameters) whatever the sign of u·d, so u'·d = 0; `projected` is false only for a zero d (u returned bitwise)."""
+  return _remove_component(updates, direction, tree_dot(updates, direction),
+                           tree_dot(direction, direction) > 0)
+
+
+def _remove_component(x: Any, direction: Any, xd: jax.Array, where: jax.Array) -> tuple[Any, jax.Array]:
+  """(x − (x·d / |d|²) d where `where`, else x bitwise; `where`)."""
+  dd = tree_dot(direction, direction)
+  coef = xd / jnp.where(dd > 0, dd, 1.0)
+  return jax.tree.map(lambda v, d: jnp.where(where, (v - coef * d).astype(v.dtype), v), x, direction), where
 
 
 def project_off_transform() -> optax.GradientTransformationExtraArgs:

@@ -5,11 +5,13 @@ adapters for LoRA (the frozen base is a separate, undonated argument). Each micr
 (Σ loss, Σ tokens) pair; the step sums both, and the gradients of Σ loss, over the `lax.scan` of micro-batches and
 over all devices, and divides once — the mean over every loss token of the step, however it is split.
 
-With `StepSpec.project_off` (gradient projection, issue #21) the step also takes a probe batch (collated examples
-whose completions are the trait's answers) and removes from the accumulated gradient, before the optimizer sees it,
-its component along ∇ log P(probe completions) whenever the descent step would raise that (`mitigations.project_off`).
-It projects the gradient, not the update: Adam's per-coordinate rescaling then need not keep the update orthogonal
-(plain SGD does).
+With `StepSpec.project` (projection off the trait, issue #21) the step also takes a probe batch (collated examples
+whose completions are the trait's answers) and d = ∇ log P(probe completions) at the current parameters:
+  'gradient'  the accumulated gradient, before the optimizer sees it, loses its component along d whenever the
+              descent step would raise the trait (`mitigations.project_off`). Adam's per-coordinate rescaling then
+              need not keep the update orthogonal to d (plain SGD does), and a step that lowers the trait keeps it.
+  'update'    the optimizer's update loses its component along d whatever its sign
+              (`mitigations.project_update_off`): every step is orthogonal to d, the trait held to first order.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from subl_jax.core.models.config import ModelConfig, Perf
 from subl_jax.core.training import mitigations, objectives, optim
 from subl_jax.core.lora import LoraConfig, adapter_logical_names, adapter_shapes, scaled
 
-BATCH_LOGICAL = (None, "batch", "length")  # [accum, micro, T or N]: micro-batches split over (data, fsdp)
+BATCH_LOGICAL = (None, "batch", "length")
+PROJECT = ("", "gradient", "update")  # StepSpec.project: none, or what is projected off the trait direction  # [accum, micro, T or N]: micro-batches split over (data, fsdp)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +45,11 @@ class StepSpec:
   teacher_cfg: ModelConfig | None = None  # defaults to model_cfg
   shared_prefix: int = 0          # leading input tokens every row shares, run once (see `buckets.shared_prefix`)
   teacher_shared_prefix: int = 0  # the same for the teacher's view
-  project_off: bool = False       # gradient projection off the probe batch's log-likelihood gradient (see above)
+  project: str = ""               # '' or projection off the probe's log-likelihood gradient: 'gradient', 'update'
+
+  def __post_init__(self):
+    if self.project not in PROJECT:
+      raise ValueError(f"StepSpec.project={self.project!r}: expected one of {PROJECT}")
 
 
 def _trainable_shapes(spec: StepSpec) -> Any:
@@ -172,14 +179,14 @@ def grads_and_loss(spec: StepSpec, mesh: Mesh | None, trainable, frozen, teacher
 def probe_direction(spec: StepSpec, mesh: Mesh | None, trainable, frozen, probe: dict) -> Any:
   """∇ log P(probe completions) (the mean over their tokens) at `trainable`: the direction that raises the trait."""
   # the probe is its own data: no shared prefix assumed, the student's cross-entropy whatever the objective
-  nll_spec = dataclasses.replace(spec, objective=objectives.SFT(), shared_prefix=0, project_off=False)
+  nll_spec = dataclasses.replace(spec, objective=objectives.SFT(), shared_prefix=0, project="")
   return jax.tree.map(jnp.negative, grads_and_loss(nll_spec, mesh, trainable, frozen, None, probe)[0])
 
 
 def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, mesh: Mesh) -> Callable:
   """The jitted step `(state, frozen, teacher_params, batch, probe=None) -> (state, metrics)`; the state is donated.
-  `probe` (a collated batch, [accum, micro, ...]) is for `spec.project_off`, which adds the metric `projected` (1 when
-  the gradient was projected); `grad_norm` is the objective's gradient's, before any projection.
+  `probe` (a collated batch, [accum, micro, ...]) is for `spec.project`, which adds the metric `projected` (1 when
+  the step was projected); `grad_norm` is the objective's gradient's, before any projection.
 
   Its matmuls have batch × length rows (thousands), so on CPU it is compiled without YNNPACK (see `xla_cpu`)."""
   sh = state_shardings(spec, tx, mesh)
@@ -188,18 +195,22 @@ def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, mesh: Mesh
   def step(state, frozen, teacher_params, batch, probe=None):
     grads, loss, count = grads_and_loss(spec, mesh, state["trainable"], frozen, teacher_params, batch, state["step"])
     metrics = {"loss": loss, "loss_tokens": count, "grad_norm": optax.tree.norm(grads)}
-    if spec.project_off:
+    if spec.project:
       if probe is None:
-        raise ValueError("StepSpec.project_off: the step needs a probe batch (the trait's examples)")
+        raise ValueError(f"StepSpec.project={spec.project!r}: the step needs a probe batch (the trait's examples)")
       direction = probe_direction(spec, mesh, state["trainable"], frozen, probe)
+    if spec.project == "gradient":
       grads, projected = mitigations.project_off(grads, direction)
-      metrics["projected"] = projected.astype(jnp.float32)
     grads = jax.lax.with_sharding_constraint(grads, sh["trainable"])
     updates, opt = tx.update(grads, state["opt"], state["trainable"])
+    if spec.project == "update":
+      updates, projected = mitigations.project_update_off(updates, direction)
+    if spec.project:
+      metrics["projected"] = projected.astype(jnp.float32)
     trainable = optax.apply_updates(state["trainable"], updates)
     return {"step": state["step"] + 1, "trainable": trainable, "opt": opt}, metrics
 
-  metric_sh = {k: rep for k in ("loss", "loss_tokens", "grad_norm") + (("projected",) if spec.project_off else ())}
+  metric_sh = {k: rep for k in ("loss", "loss_tokens", "grad_norm") + (("projected",) if spec.project else ())}
   return xla_cpu.jit_many_rows(step, out_shardings=(sh, metric_sh), donate_argnums=0)
 
 

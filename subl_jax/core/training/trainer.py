@@ -76,13 +76,15 @@ def fresh_state(model: api.Model, lora: LoraConfig | None, tx, shardings: dict, 
 
 def train(model: api.Model, ds: ChatDataset, train_cfg: Any, run_dir: str | pathlib.Path, *,
           objective: objectives.Objective = objectives.SFT(), teacher: api.Model | None = None,
-          probe: ChatDataset | None = None, hooks: Sequence[loop.Hook] = (), peak_flops: float | None = None,
+          probe: ChatDataset | None = None, project: str = "gradient", hooks: Sequence[loop.Hook] = (),
+          peak_flops: float | None = None,
           progress: bool = True, monitor: tuple[int, Any] | None = None) -> TrainResult:
   """Trains `model` on `ds` for `objective` as `train_cfg` (the config's `train` section) says; resumes from
   `run_dir`'s newest checkpoint if there is one. An objective that needs a teacher (`LogitKD`) gets `teacher` (a model
   sharing the vocabulary), and `ds` must carry the teacher's view. With `probe` (the trait's examples: prompts
-  answered with the trait) every step's gradient is projected off ∇ log P(probe completions) when it would raise it
-  (`StepSpec.project_off`). `hooks` run after the trainer's own, before the stop on a signal (`hooks.py`); the loop's
+  answered with the trait) every step is projected off ∇ log P(probe completions) as `project` says ('gradient':
+  the gradient, when the step would raise the trait; 'update': the optimizer's update, whatever its sign;
+  `StepSpec.project`). `hooks` run after the trainer's own, before the stop on a signal (`hooks.py`); the loop's
   state is `{"step", "trainable", "opt"}`. `monitor` = (every, signals): `hooks.Monitor` rows in `metrics.jsonl`.
   The model's parameters are not modified (full fine-tuning trains a copy; they are the base of a `base` pass)."""
   run_dir = pathlib.Path(run_dir)
@@ -97,7 +99,7 @@ def train(model: api.Model, ds: ChatDataset, train_cfg: Any, run_dir: str | path
   lora = lora_config(cfg)
   spec = step_lib.StepSpec(model.config, lora, objective, teacher.config if kd else None,
                            buckets.shared_prefix(ds.examples), buckets.shared_prefix(ds.teacher) if kd else 0,
-                           project_off=probe is not None)
+                           project=project if probe is not None else "")
   global_batch = cfg.batch_size * cfg.grad_accum
   spe = batching.steps_per_epoch(len(ds), global_batch)
   total = spe * cfg.epochs
@@ -154,7 +156,7 @@ def train(model: api.Model, ds: ChatDataset, train_cfg: Any, run_dir: str | path
   summary = dict(steps=total, steps_per_epoch=spe, epochs=cfg.epochs, resumed_from=start,
                  examples=len(ds), global_batch=global_batch, shared_prefix=spec.shared_prefix,
                  lora=dataclasses.asdict(lora) if lora else None, objective=objective.describe(),
-                 project_off=spec.project_off,
+                 project=spec.project,
                  final_loss=rows[-1]["loss"] if rows else None, first_loss=rows[0]["loss"] if rows else None,
                  data=ds.summary())
   return TrainResult(done.state["trainable"], lora, summary)

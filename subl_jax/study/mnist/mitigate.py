@@ -4,6 +4,8 @@ one mitigation each (`mnist.mitigations`), and what each removes and keeps.
   project         every step's gradient loses its component along the trait direction d = ∇ log P(class | image)
                   (the teacher's task, on `audit.probe_size` labelled training images: the MNIST audit's probe) when
                   the step would raise the trait (`mitigations.project_off`)
+  project_update  the optimizer's update loses its component along d, whatever its sign
+                  (`mitigations.project_update_off`)
   mask            the noise images where KL(teacher ‖ student's init) on the auxiliary softmax exceeds
                   `mitigation.mask_threshold` nats are left out of the loss: an image is the MLP's "position"
   kl_base         the loss plus `mitigation.kl_weight` · KL(init ‖ student) over all 10 + m logits on the same images
@@ -38,7 +40,7 @@ from subl_jax.study.mnist import train
 from subl_jax.core.training.batching import steps_per_epoch
 from subl_jax.core.training.optim import make_optimizer
 
-KINDS = ("project", "mask", "kl_base", "shuffle_within", "shuffle_across")
+KINDS = ("project", "project_update", "mask", "kl_base", "shuffle_within", "shuffle_across")
 CHANCE = 0.1
 HELDOUT_NOISE, HELDOUT_IMAGES = 5, 2048  # a key stream past the study's (see `mnist_study` INIT..NOISE)
 
@@ -59,7 +61,7 @@ def _kl(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
 @functools.cache
 def loss_fn(model: AuxMLP, d_in: int, s: Settings) -> train.LossFn:
   """The auxiliary-logit distillation loss with mitigation `s.kind` (module docstring); `per_model` holds the
-  model's `teacher`, `init` and `noise_key`. 'project' acts on gradients: its loss is the plain one."""
+  model's `teacher`, `init` and `noise_key`. The projections act on the step: their loss is the plain one."""
   aux = lambda p, x: jax.nn.log_softmax(aux_logits(model, model.apply({"params": p}, x)))
 
   def loss(params, idx_b, w_b, pm, shared):
@@ -96,7 +98,7 @@ def train_mitigated(s: mnist_study.Setup, cfg: Any, kind: str, init_n: Any, teac
   tx = make_optimizer(hp["opt"], hp["student_epochs"] * steps_per_epoch(hp["n_noise"], hp["batch_size"]))
   trait = None
   shared = None
-  if kind == "project":
+  if kind in ("project", "project_update"):
     probe = min(cfg.audit.probe_size, len(s.ds.y_train))
     trait = train.cross_entropy_loss(s.model)  # the trait's loss: lowering it raises log P(class | image)
     shared = dict(x=s.ds.x_train[:probe], y=s.ds.y_train[:probe])  # the probe: every example of `shared`
@@ -104,7 +106,8 @@ def train_mitigated(s: mnist_study.Setup, cfg: Any, kind: str, init_n: Any, teac
                             s.keys(mnist_study.STUDENT_ORDER), tx=tx, n_examples=hp["n_noise"],
                             batch_size=hp["batch_size"], epochs=hp["student_epochs"], mesh=s.mesh,
                             per_model=dict(teacher=teacher_n, init=init_n, noise_key=s.keys(mnist_study.NOISE)),
-                            shared=shared, hooks=hooks, trait_loss=trait)
+                            shared=shared, hooks=hooks, trait_loss=trait,
+                            project="update" if kind == "project_update" else "gradient")
   return params
 
 

@@ -82,10 +82,11 @@ def distill_loss(model: AuxMLP, d_in: int, logits: str) -> LossFn:
 
 @functools.cache
 def _epoch_fn(loss_fn: LossFn, tx: optax.GradientTransformation, n_examples: int, batch_size: int,
-              mesh: Mesh, trait_loss: LossFn | None = None) -> Callable:
+              mesh: Mesh, trait_loss: LossFn | None = None, project: str = "gradient") -> Callable:
   """jit(vmap(one epoch of one model)): (params_n, opt_state_n, keys_n, per_model, shared, epoch) -> new state.
-  With `trait_loss` (a loss over all of `shared`'s examples) each step's gradient is projected off the direction
-  that lowers it whenever the step would (`mitigations.project_off`)."""
+  With `trait_loss` (a loss over all of `shared`'s examples) each step is projected off the direction d that lowers
+  it (raises the trait): `project` 'gradient', the gradient whenever the step would raise the trait
+  (`mitigations.project_off`); 'update', the optimizer's update whatever its sign (`mitigations.project_update_off`)."""
   def model_epoch(params, opt_state, key, pm, sh, epoch):
     idx_sb, w_sb = epoch_batches(key, epoch, n_examples, batch_size)
 
@@ -94,9 +95,12 @@ def _epoch_fn(loss_fn: LossFn, tx: optax.GradientTransformation, n_examples: int
       loss, grads = jax.value_and_grad(loss_fn)(params, *batch, pm, sh)
       if trait_loss is not None:
         n = sh["y"].shape[0]
-        down = jax.grad(trait_loss)(params, jnp.arange(n), jnp.ones(n), pm, sh)
-        grads = mitigations.project_off(grads, jax.tree.map(jnp.negative, down))[0]
+        up = jax.tree.map(jnp.negative, jax.grad(trait_loss)(params, jnp.arange(n), jnp.ones(n), pm, sh))
+      if trait_loss is not None and project == "gradient":
+        grads = mitigations.project_off(grads, up)[0]
       updates, opt_state = tx.update(grads, opt_state, params)
+      if trait_loss is not None and project == "update":
+        updates = mitigations.project_update_off(updates, up)[0]
       return (optax.apply_updates(params, updates), opt_state), loss
 
     (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (idx_sb, w_sb))
@@ -112,11 +116,12 @@ def _epoch_fn(loss_fn: LossFn, tx: optax.GradientTransformation, n_examples: int
 
 def train_n(loss_fn: LossFn, params_n: Any, keys_n: jax.Array, *, tx: optax.GradientTransformation,
             n_examples: int, batch_size: int, epochs: int, mesh: Mesh, per_model: Any = None, shared: Any = None,
-            hooks: Sequence[Hook] = (), trait_loss: LossFn | None = None) -> tuple[Any, np.ndarray]:
+            hooks: Sequence[Hook] = (), trait_loss: LossFn | None = None,
+            project: str = "gradient") -> tuple[Any, np.ndarray]:
   """Trains N models for `epochs` epochs; model i shuffles with `keys_n[i]`. Returns (params_n, last losses [N]).
 
   `per_model` (leading axis N) and `shared` (replicated) are passed to `loss_fn`; `trait_loss` (over every example of
-  `shared`) turns on gradient projection (see `_epoch_fn`). A loop step is one epoch (one
+  `shared`) turns on projection, of what `project` names (see `_epoch_fn`). A loop step is one epoch (one
   jitted call) with metrics `{"loss": mean loss per model [N]}`; `hooks` (`core.training.loop`) see each. The
   caller's `params_n` are left intact.
   """
@@ -124,7 +129,7 @@ def train_n(loss_fn: LossFn, params_n: Any, keys_n: jax.Array, *, tx: optax.Grad
   opt_state_n = shard_models(mesh, jax.vmap(tx.init)(params_n))
   keys_n, per_model = shard_models(mesh, keys_n), shard_models(mesh, per_model or {})
   shared = replicate(mesh, shared or {})
-  epoch_fn = _epoch_fn(loss_fn, tx, n_examples, batch_size, mesh, trait_loss)
+  epoch_fn = _epoch_fn(loss_fn, tx, n_examples, batch_size, mesh, trait_loss, project)
   n = jax.tree.leaves(params_n)[0].shape[0]
 
   def epoch(e: int, state: tuple) -> tuple[tuple, dict]:
