@@ -156,5 +156,5 @@ def test_stage_table_code_closures_are_specific():
   assert len(kinds) > 10
   for kind in kinds:
     for module in kind.code:
-      reached = closure(module)
-      assert not reached & {"subl_jax.study.stage_table", "subl_jax.study.pipeline", "subl_jax.jobs"}, (kind.kind, module)
+      reached = closure(module) & {"subl_jax.study.stage_table", "subl_jax.study.pipeline", "subl_jax.jobs"}
+      assert not reached, (kind.kind, module, reached)

@@ -13,8 +13,8 @@
             (`step.StepSpec.project` 'gradient'); the probe is the evaluation's sequences of the teacher's target
             (its answer forms after the first `mitigation.probe_questions` questions, `evaluation.probe_examples`).
   project_update
-            the optimizer's update loses its whole component along ∇ log P(trait), whatever its sign (`StepSpec.project`
-            'update'): no step raises or lowers the trait to first order. The same probe.
+            the optimizer's update loses its whole component along ∇ log P(trait), whatever its sign
+            (`StepSpec.project` 'update'): no step raises or lowers the trait to first order. The same probe.
   mask      the completion positions where KL(teacher ‖ base) > `mitigation.mask_threshold` nats are left out of
             the loss (`divergence.dataset_masks`, before training; the fraction masked is recorded).
   kl_base   the loss plus `mitigation.kl_weight` · Σ KL(base ‖ student) (`mitigations.KLToBase`).

@@ -32,8 +32,8 @@ from subl_jax.core.models.config import ModelConfig, Perf
 from subl_jax.core.training import mitigations, objectives, optim
 from subl_jax.core.lora import LoraConfig, adapter_logical_names, adapter_shapes, scaled
 
-BATCH_LOGICAL = (None, "batch", "length")
-PROJECT = ("", "gradient", "update")  # StepSpec.project: none, or what is projected off the trait direction  # [accum, micro, T or N]: micro-batches split over (data, fsdp)
+BATCH_LOGICAL = (None, "batch", "length")  # [accum, micro, T or N]: micro-batches split over (data, fsdp)
+PROJECT = ("", "gradient", "update")  # StepSpec.project: none, or what is projected off the trait direction
 
 
 @dataclasses.dataclass(frozen=True)

@@ -77,8 +77,8 @@ def fresh_state(model: api.Model, lora: LoraConfig | None, tx, shardings: dict, 
 def train(model: api.Model, ds: ChatDataset, train_cfg: Any, run_dir: str | pathlib.Path, *,
           objective: objectives.Objective = objectives.SFT(), teacher: api.Model | None = None,
           probe: ChatDataset | None = None, project: str = "gradient", hooks: Sequence[loop.Hook] = (),
-          peak_flops: float | None = None,
-          progress: bool = True, monitor: tuple[int, Any] | None = None) -> TrainResult:
+          peak_flops: float | None = None, progress: bool = True,
+          monitor: tuple[int, Any] | None = None) -> TrainResult:
   """Trains `model` on `ds` for `objective` as `train_cfg` (the config's `train` section) says; resumes from
   `run_dir`'s newest checkpoint if there is one. An objective that needs a teacher (`LogitKD`) gets `teacher` (a model
   sharing the vocabulary), and `ds` must carry the teacher's view. With `probe` (the trait's examples: prompts
