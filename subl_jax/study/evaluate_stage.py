@@ -47,7 +47,7 @@ def work(job: stages.Job) -> dict:
   """Evaluates the model of the stage `job.inputs["model"]` under `job.params["system"]` on every candidate answer
   (`job.params`: system, category, candidates; with `job.inputs["examples"]` — a JSONL of a teacher's rows — the
   in-context condition: as many of them as fit in `eval.icl_tokens` go before the question)."""
-  cfg, p, e = job.cfg, job.params, job.cfg.eval
+  p, e = job.params, job.cfg.eval
   model = job.ctx.model_of(job.inputs["model"], job.ctx.sample_mesh)  # like sampling: a whole model per process
   system, info = p["system"], {}
   if "examples" in job.inputs:

@@ -14,7 +14,6 @@ would. Within a shard, prompts are batched in order of length, which keeps left 
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import time
 from typing import Any, Sequence

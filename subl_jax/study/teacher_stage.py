@@ -9,9 +9,6 @@ The trained kinds write `model/` (LoRA merged into the base; see `export.py`), `
 
 from __future__ import annotations
 
-import pathlib
-from typing import Any
-
 import ml_collections as mlc
 
 from subl_jax.study import stages

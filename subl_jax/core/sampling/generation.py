@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from subl_jax.core import parallel
