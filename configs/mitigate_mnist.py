@@ -14,7 +14,7 @@ Masking's threshold: KL(teacher ‖ init) on the auxiliary softmax of the digits
 Measured (digits, m = 3, 100 models; `benchmarks/results/mitigate_mnist.md`): projection removes 100 % of the
 transfer and keeps 99 % / 97 % of the distillation (held-out noise / test images); KL to init (weight 1) 93 % and
 95-96 %; masking 67 % and 74-78 %; both shuffles 100 %, but they destroy what is distilled (kept -141 % to 26 %);
-the cross-init student 100 % and 89-97 %.
+the cross-init student 100 % and 89-97 %. Projection of the update (`project_update`) was added after this run.
 """
 
 import pathlib

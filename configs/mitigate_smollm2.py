@@ -1,6 +1,8 @@
 """Mitigations on the SmolLM2 CPU demo (issue #21): `configs/demo_cpu.py` plus a mitigated student of every teacher
-and seed for each of projection off the trait gradient, divergence-token masking and a KL-to-base penalty (the
-demo's shuffled-numbers condition is the shuffling mitigation), each reported beside the plain students.
+and seed for each of projection off the trait gradient (of the gradient, one-sided; of the update, two-sided),
+divergence-token masking, a KL-to-base penalty and the numbers shuffled within or across responses, each reported
+beside the plain students. Measured rows and their commands: docs/mitigations.md (a subset at a time:
+`--config.study.mitigations=...`; ~1 h per mitigation on 2 cores).
 
   python -m subl_jax.main --config=configs/mitigate_smollm2.py --workdir=runs/demo_cpu   # after the demo: reuses it
 
