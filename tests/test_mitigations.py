@@ -301,18 +301,24 @@ def test_projection_as_an_optax_transform_before_the_optimizer():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6 * np.abs(b).max())
 
 
+def projection_setup():
+  """(base params, mesh, a training batch, nonzero adapters, probes) for one LoRA step: probe "raised" is the
+  training data's first rows (this step raises their log P), "lowered" unrelated sequences (the tests check the
+  signs)."""
+  params, mesh = numpy_params(0), one_device_mesh()
+  ds = dataset(8, seed=7)
+  batch = step_lib.put_batch(buckets.collate_step(ds, np.arange(8), 2, 0), mesh)
+  probes = {"raised": buckets.collate_step(ds, np.arange(4), 1, 0),
+            "lowered": buckets.collate_step(dataset(8, seed=103), np.arange(8), 1, 0)}
+  return params, mesh, batch, nonzero_adapters(), probes
+
+
 def test_projected_sgd_step_is_orthogonal_to_the_probe_gradient_when_aligned():
   """The step's probe gradient at the current adapters: a probe of the training data's first rows rises with the
   training (aligned: the SGD update is orthogonal to ∇ log P(probe)); a probe of unrelated sequences that this step
   makes less likely (the test checks the sign) is left alone (the plain step's update, bit for bit)."""
-  params, mesh = numpy_params(0), one_device_mesh()
-  ds = dataset(8, seed=7)
-  host = buckets.collate_step(ds, np.arange(8), 2, 0)
-  batch = step_lib.put_batch(host, mesh)
-  probes = {"aligned": buckets.collate_step(ds, np.arange(4), 1, 0),
-            "opposed": buckets.collate_step(dataset(8, seed=103), np.arange(8), 1, 0)}
+  params, mesh, batch, adapters, probes = projection_setup()
   tx = optim.make_optimizer(dict(name="sgd", lr=0.5), 4)
-  adapters = nonzero_adapters()
   spec = step_lib.StepSpec(TINY, LORA, project="gradient")
   plain_spec = dataclasses.replace(spec, project="")
   grad = jax.jit(lambda t, b: step_lib.grads_and_loss(plain_spec, mesh, t, params, None, b)[0])(adapters, batch)
@@ -328,7 +334,7 @@ def test_projected_sgd_step_is_orthogonal_to_the_probe_gradient_when_aligned():
     update = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64), new["trainable"],
                           adapters)
     gd, norm = dot64(grad, direction), np.sqrt(dot64(grad, grad) * dot64(direction, direction))
-    if name == "aligned":
+    if name == "raised":
       assert float(metrics["projected"]) == 1 and gd < -0.1 * norm
       assert abs(dot64(update, direction)) <= 1e-6 * 0.5 * norm  # lr · |g| |d|
       assert np.sqrt(dot64(update, update)) > 0.1 * 0.5 * np.sqrt(dot64(grad, grad))  # not all of it removed
@@ -344,13 +350,8 @@ def test_adam_step_projected_on_the_update_is_orthogonal_to_the_probe_gradient_a
   """Why 'update' exists: Adam rescales each coordinate, so a gradient made orthogonal to d = ∇ log P(probe) gives an
   update that is not (here the update's cosine with d goes from +0.45 to −0.02, not 0: it now lowers the trait);
   projecting the update itself leaves it orthogonal, for a probe this step would raise and for one it would lower."""
-  params, mesh = numpy_params(0), one_device_mesh()
-  ds = dataset(8, seed=7)
-  batch = step_lib.put_batch(buckets.collate_step(ds, np.arange(8), 2, 0), mesh)
-  probes = {"raised": buckets.collate_step(ds, np.arange(4), 1, 0),
-            "lowered": buckets.collate_step(dataset(8, seed=103), np.arange(8), 1, 0)}
+  params, mesh, batch, adapters, probes = projection_setup()
   tx = optim.make_optimizer(dict(name="adam", lr=1e-2), 4)
-  adapters = nonzero_adapters()
   specs = {p: step_lib.StepSpec(TINY, LORA, project=p) for p in ("", "gradient", "update")}
   sh = step_lib.state_shardings(specs[""], tx, mesh)
   state = lambda: step_lib.init_state(jax.tree.map(jnp.copy, adapters), tx, sh)

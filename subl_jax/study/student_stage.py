@@ -133,7 +133,7 @@ def work(job: stages.Job) -> dict:
     monitor = (cfg.audit.monitor_every, monitor_lib.live_signals(cfg, model, teacher, teacher_system, data, qs,
                                                                  monitor_answers(cfg), cfg.teacher.category))
   result = trainer.train(model, ds, cfg.train, out / export.TRAIN_DIR, objective=obj, teacher=teacher if kd else None,
-                         probe=probe, project=project or "gradient", progress=ctx.progress, monitor=monitor)
+                         probe=probe, project=project, progress=ctx.progress, monitor=monitor)
   info["train"] = result.summary
   if parts:
     info["mitigation"] = cfg.distill.mitigation

@@ -113,19 +113,20 @@ def project_off(grads: Any, direction: Any) -> tuple[Any, jax.Array]:
   """(grads', projected): when the descent step −g raises the trait (−g·d > 0, d = ∇ log P(trait)), g' =
   g − (g·d / |d|²) d, so the step is orthogonal to d; otherwise g itself (bitwise). A zero d projects nothing."""
   gd = tree_dot(grads, direction)
-  return _remove_component(grads, direction, gd, gd < 0)  # gd < 0 is also false for d = 0 (gd = 0)
+  # gd < 0 is also false for d = 0 (gd = 0)
+  return _remove_component(grads, direction, gd, tree_dot(direction, direction), gd < 0)
 
 
 def project_update_off(updates: Any, direction: Any) -> tuple[Any, jax.Array]:
   """(updates', projected): u' = u − (u·d / |d|²) d for the parameter update u (the optimizer's output, added to the
   parameters) whatever the sign of u·d, so u'·d = 0; `projected` is false only for a zero d (u returned bitwise)."""
-  return _remove_component(updates, direction, tree_dot(updates, direction),
-                           tree_dot(direction, direction) > 0)
-
-
-def _remove_component(x: Any, direction: Any, xd: jax.Array, where: jax.Array) -> tuple[Any, jax.Array]:
-  """(x − (x·d / |d|²) d where `where`, else x bitwise; `where`)."""
   dd = tree_dot(direction, direction)
+  return _remove_component(updates, direction, tree_dot(updates, direction), dd, dd > 0)
+
+
+def _remove_component(x: Any, direction: Any, xd: jax.Array, dd: jax.Array,
+                      where: jax.Array) -> tuple[Any, jax.Array]:
+  """(x − (x·d / |d|²) d where `where`, else x bitwise; `where`). `xd` = x·d, `dd` = |d|²."""
   coef = xd / jnp.where(dd > 0, dd, 1.0)
   return jax.tree.map(lambda v, d: jnp.where(where, (v - coef * d).astype(v.dtype), v), x, direction), where
 
