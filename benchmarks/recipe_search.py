@@ -7,7 +7,8 @@
 Each setting is `configs/demo_cpu.py` (three animals × three training seeds) with its null conditions off and a few
 fields overridden, run as its own study in `runs/recipe/<setting>/` by `python -m subl_jax.main` (a killed search
 resumes: every stage is cached). A setting that shares its teachers and numbers with an earlier one starts from hard
-links of that one's completed upstream stages (`like`); they are reused only where their fingerprints match.
+links of the completed upstream stages of that one (`like`) or of its siblings; they are reused only where their
+fingerprints match. Wall time is the setting's own run, so a setting that reused upstream stages did not pay for them.
 
 Per setting, from its `report.json`: each animal's specificity (own student's Δ log P minus the other animals'
 students' Δ, 95 % t-interval over the 3 seeds) and own-student Δ, the mean specificity over animals (interval over
@@ -134,8 +135,10 @@ def write_tables(results: dict) -> None:
 def run_setting(name: str, results: dict) -> None:
   what, overrides, like = SETTINGS[name]
   workdir = RUNS / name
-  if like:
-    link_upstream(RUNS / like, workdir)
+  # the setting it names, else any other setting that names the same one (a fresh search may have run only that)
+  for src in [like] + [n for n, (_, _, l) in SETTINGS.items() if like and l == like and n != name]:
+    if src:
+      link_upstream(RUNS / src, workdir)
   cmd = [sys.executable, "-m", "subl_jax.main", f"--config={CONFIG}", f"--workdir={workdir}",
          "--config.study.conditions="] + [f"--config.{k}={_flag(v)}" for k, v in overrides.items()]
   print(f"[{datetime.datetime.now():%H:%M}] {name}: {' '.join(cmd[2:])}", flush=True)

@@ -109,11 +109,11 @@ def test_mnist_mitigations_train_one_stage_each_and_report_removed_and_kept(tmp_
   """Every MNIST mitigation as a stage of the study, on 4 small models; projection with the probe's own gradient
   removes that direction (tested at the step in test_mitigations), masking at threshold 0 drops every image with any
   divergence (so that student stays at its init), and the report carries the removed / kept table."""
-  from subl_jax.study.mnist import job as mnist_job, mitigate, study as mnist_study
+  from subl_jax.study.mnist import job as mnist_job, study as mnist_study
   cfg = config.defaults()
   cfg.job = "mnist_aux"
   cfg.mnist.update(dict(dataset="digits", n_models=4, hidden=16, teacher_epochs=1, student_epochs=1, n_noise=256,
-                        mitigations=",".join(mitigate.KINDS)))
+                        mitigations=",".join(config.MITIGATIONS)))
   cfg.audit.probe_size = 32
   cfg.mitigation.mask_threshold = 0.0  # every image where teacher and init differ at all
   config.validate(cfg, n_devices=1)
@@ -121,12 +121,12 @@ def test_mnist_mitigations_train_one_stage_each_and_report_removed_and_kept(tmp_
   out = mnist_job.run_mnist_aux(cfg, tmp_path, mesh)
   doc = json.loads((tmp_path / "report.json").read_text())
   rows = doc["mitigations"]
-  assert set(rows) == {f"student_aux_{k}" for k in mitigate.KINDS} | {"cross_init_aux"}
+  assert set(rows) == {f"student_aux_{k}" for k in config.MITIGATIONS} | {"cross_init_aux"}
   for r in rows.values():
     assert r["accuracy"]["n"] == 4 and {"removed", "kept_noise", "kept_test"} <= set(r)
   s = mnist_study.make_setup(cfg.mnist, cfg.seed, mesh)
   plain = mnist_study.load_params(s, tmp_path / "student_aux")
-  for k in mitigate.KINDS:  # each mitigation trained something different from the plain student
+  for k in config.MITIGATIONS:  # each mitigation trained something different from the plain student
     other = mnist_study.load_params(s, tmp_path / f"student_aux_{k}")
     assert not np.allclose(other["out"]["kernel"], plain["out"]["kernel"]), k
   mask = json.loads((tmp_path / "student_aux_mask" / "mask.json").read_text())

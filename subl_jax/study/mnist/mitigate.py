@@ -40,7 +40,6 @@ from subl_jax.study.mnist import train
 from subl_jax.core.training.batching import steps_per_epoch
 from subl_jax.core.training.optim import make_optimizer
 
-KINDS = ("project", "project_update", "mask", "kl_base", "shuffle_within", "shuffle_across")
 CHANCE = 0.1
 HELDOUT_NOISE, HELDOUT_IMAGES = 5, 2048  # a key stream past the study's (see `mnist_study` INIT..NOISE)
 
