@@ -6,8 +6,13 @@ same small programs (timings: docs/performance.md, "The test suite")."""
 import os
 import pathlib
 
+# XLA:CPU's backend optimisation off: the tests' tiny programs spend their time compiling, not running, and compile
+# about twice as fast without LLVM's optimisation passes (docs/performance.md, "The test suite"). What they check holds
+# at any optimisation level: equalities are between programs compiled alike, parity has its stated tolerances. Jobs a
+# test starts as subprocesses get the same flag.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
 # 8 fake CPU devices for the sharding tests; must be set before jax is imported anywhere.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       str(pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax_compilation_cache"))

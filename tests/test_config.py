@@ -10,6 +10,8 @@ import pytest
 
 from subl_jax import config as config_lib
 
+from conftest import FAST_COMPILE
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -73,7 +75,7 @@ def test_head_dim_makes_non_dividing_heads_legal():
 
 
 def _main(tmp_path, *args):
-  env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "HOME": str(pathlib.Path.home())}
+  env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "HOME": str(pathlib.Path.home()), "XLA_FLAGS": FAST_COMPILE}
   return subprocess.run([sys.executable, "-m", "subl_jax.main", f"--workdir={tmp_path}", *args],
                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 

@@ -10,6 +10,8 @@ import sys
 
 import numpy as np
 
+from conftest import FAST_COMPILE
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = '''
 from subl_jax import config
@@ -46,11 +48,11 @@ def test_two_processes_give_the_one_process_report(tmp_path):
   args = [f"--config={tmp_path / 'tiny.py'}"]
   one = subprocess.run([sys.executable, "-m", "subl_jax.main", *args, f"--workdir={tmp_path / 'one'}"],
                        capture_output=True, text=True, cwd=ROOT, timeout=900,
-                       env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+                       env=_env(XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {FAST_COMPILE}"))
   assert one.returncode == 0, one.stderr[-3000:]
   two = subprocess.run(["bash", "launch/multiprocess.sh", "2", *args, f"--workdir={tmp_path / 'two'}"],
                        capture_output=True, text=True, cwd=ROOT, timeout=900,
-                       env=_env(PORT=str(_free_port()), DEVICES="2"))
+                       env=_env(PORT=str(_free_port()), DEVICES="2", XLA_FLAGS=FAST_COMPILE))
   assert two.returncode == 0, two.stderr[-5000:]
   a, b = (json.loads((tmp_path / w / "report.json").read_text()) for w in ("one", "two"))
   # the same samples, the same filter, the same transfer matrix (4 devices either way; sums may be reordered)

@@ -19,6 +19,8 @@ from subl_jax.core.checkpoints import fetch
 from subl_jax.core.checkpoints.tokenizer import Tokenizer
 from subl_jax.core.training import chat_data
 
+from conftest import FAST_COMPILE
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -216,7 +218,7 @@ def tiny_train_job(tmp_path, epochs):
 def main_env(cache):
   # Not the test process's XLA_FLAGS (8 fake devices); our own cache dir, so that the compilation cache is seen.
   return {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "HOME": str(pathlib.Path.home()),
-          "SUBL_JAX_CACHE": str(cache), "TQDM_DISABLE": "1",
+          "SUBL_JAX_CACHE": str(cache), "TQDM_DISABLE": "1", "XLA_FLAGS": FAST_COMPILE,
           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # the tiny job's programs compile in well under 1 s
 
 
@@ -230,7 +232,7 @@ def cache_entries(cache):
 
 
 def test_sigterm_stops_with_exit_75_and_a_rerun_resumes(tmp_path):
-  config = tiny_train_job(tmp_path, epochs=150)  # 600 steps: still running when the first metrics row appears
+  config = tiny_train_job(tmp_path, epochs=75)  # 300 steps: still running when the first metrics row (step 100) appears
   workdir, cache = tmp_path / "run", tmp_path / "cache"
   proc = subprocess.Popen(main_args(config, workdir), cwd=ROOT, env=main_env(cache), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
@@ -257,7 +259,7 @@ def test_sigterm_stops_with_exit_75_and_a_rerun_resumes(tmp_path):
                         timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   train = json.loads((workdir / "sft" / "manifest.json").read_text())["summary"]["train"]
-  assert train["steps"] == 600 and 0 < train["resumed_from"] < 600, train
+  assert train["steps"] == 300 and 0 < train["resumed_from"] < 300, train
 
 
 def snapshot(d):
