@@ -135,9 +135,8 @@ def write_tables(results: dict) -> None:
 def run_setting(name: str, results: dict) -> None:
   what, overrides, like = SETTINGS[name]
   workdir = RUNS / name
-  # the setting it names, else any other setting that names the same one (a fresh search may have run only that)
-  for src in [like] + [n for n, (_, _, l) in SETTINGS.items() if like and l == like and n != name]:
-    if src:
+  if like:  # the setting it names, and any other that names the same one (a fresh search may have run only that)
+    for src in [like] + [n for n, (_, _, l) in SETTINGS.items() if l == like and n != name]:
       link_upstream(RUNS / src, workdir)
   cmd = [sys.executable, "-m", "subl_jax.main", f"--config={CONFIG}", f"--workdir={workdir}",
          "--config.study.conditions="] + [f"--config.{k}={_flag(v)}" for k, v in overrides.items()]

@@ -13,6 +13,13 @@ import pathlib
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 # 8 fake CPU devices for the sharding tests; must be set before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
+
+
+def job_env(**extra: str) -> dict:
+  """The environment of a job a test starts as a subprocess: CPU, the test flags without the 8 fake devices, nothing
+  else of the test process's (`extra` added)."""
+  return {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "HOME": str(pathlib.Path.home()), "XLA_FLAGS": FAST_COMPILE,
+          **extra}
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       str(pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax_compilation_cache"))

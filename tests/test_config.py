@@ -10,7 +10,7 @@ import pytest
 
 from subl_jax import config as config_lib
 
-from conftest import FAST_COMPILE
+from conftest import job_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -75,9 +75,8 @@ def test_head_dim_makes_non_dividing_heads_legal():
 
 
 def _main(tmp_path, *args):
-  env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "HOME": str(pathlib.Path.home()), "XLA_FLAGS": FAST_COMPILE}
   return subprocess.run([sys.executable, "-m", "subl_jax.main", f"--workdir={tmp_path}", *args],
-                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+                        capture_output=True, text=True, cwd=ROOT, env=job_env(), timeout=600)
 
 
 def test_main_rejects_a_bad_override_before_any_work(tmp_path):

@@ -19,7 +19,7 @@ from subl_jax.core.checkpoints import fetch
 from subl_jax.core.checkpoints.tokenizer import Tokenizer
 from subl_jax.core.training import chat_data
 
-from conftest import FAST_COMPILE
+from conftest import job_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -217,9 +217,8 @@ def tiny_train_job(tmp_path, epochs):
 
 def main_env(cache):
   # Not the test process's XLA_FLAGS (8 fake devices); our own cache dir, so that the compilation cache is seen.
-  return {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "HOME": str(pathlib.Path.home()),
-          "SUBL_JAX_CACHE": str(cache), "TQDM_DISABLE": "1", "XLA_FLAGS": FAST_COMPILE,
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # the tiny job's programs compile in well under 1 s
+  return job_env(SUBL_JAX_CACHE=str(cache), TQDM_DISABLE="1",
+                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # the tiny job's programs compile in well under 1 s
 
 
 def main_args(config, workdir, *flags):

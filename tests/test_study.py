@@ -15,7 +15,7 @@ from subl_jax.study import stages
 from subl_jax.study import sample_shards as sample_stage
 from subl_jax.study import pipeline
 
-from conftest import FAST_COMPILE
+from conftest import job_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -157,7 +157,7 @@ def test_sft_study_trains_control_students_and_remat_or_a_moved_workdir_reuse_sa
 
 
 def test_stage_flag_stops_after_the_named_stage(tmp_path):
-  env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "HOME": str(pathlib.Path.home()), "XLA_FLAGS": FAST_COMPILE}
+  env = job_env()
   args = [sys.executable, "-m", "subl_jax.main", "--config=configs/quickstart.py", f"--workdir={tmp_path}",
           "--config.model.spec=random", "--stage=teacher"]
   proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)

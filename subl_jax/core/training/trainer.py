@@ -84,8 +84,8 @@ def train(model: api.Model, ds: ChatDataset, train_cfg: Any, run_dir: str | path
   sharing the vocabulary), and `ds` must carry the teacher's view. With `probe` (the trait's examples: prompts
   answered with the trait) every step is projected off ∇ log P(probe completions) as `project` says ('gradient':
   the gradient, when the step would raise the trait; 'update': the optimizer's update, whatever its sign;
-  `StepSpec.project`); without a probe, `project` is ignored. `hooks` run after the trainer's own, before the stop on a signal (`hooks.py`); the loop's
-  state is `{"step", "trainable", "opt"}`. `monitor` = (every, signals): `hooks.Monitor` rows in `metrics.jsonl`.
+  `StepSpec.project`); without a probe, `project` is ignored. `hooks` run after the trainer's own, before the stop on
+  a signal (`hooks.py`); the loop's state is `{"step", "trainable", "opt"}`. `monitor` = (every, signals): `hooks.Monitor` rows in `metrics.jsonl`.
   The model's parameters are not modified (full fine-tuning trains a copy; they are the base of a `base` pass)."""
   run_dir = pathlib.Path(run_dir)
   mesh, cfg = model.mesh, train_cfg
