@@ -53,6 +53,10 @@ SETTINGS: dict[str, tuple[str, dict, str | None]] = {
     # LoRA rank always follows `train.lora`, so the students' rank is not searched with fine-tuned teachers)
     "ft_kd_lr3e-4": ("ft_kd students at lr 3e-4 (teachers at 1e-3)", FT | {"train.opt.lr": 3e-4, "teacher.lr": 1e-3},
                      "ft_kd"),
+    # the best setting so far picked on seeds 0-2, replicated: train.seed also seeds the teachers' training, so the
+    # teachers, their numbers and the students (seeds 3-5) are all new
+    "ft_kd_2ep_seed3": ("ft_kd_2ep replicated on new seeds (train.seed 3: new teachers, numbers and students 3-5)",
+                        FT | {"train.epochs": 2, "train.seed": 3}, None),
     "sp_kd_1024": ("sp_kd on 1,024 rows (4x the numbers and steps)",
                    {"sample.n_prompts": 1024, "sample.shard_size": 256}, "sp_kd"),
 }
