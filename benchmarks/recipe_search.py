@@ -139,6 +139,7 @@ def write_tables(results: dict) -> None:
 def run_setting(name: str, results: dict) -> None:
   what, overrides, like = SETTINGS[name]
   workdir = RUNS / name
+  RUNS.mkdir(parents=True, exist_ok=True)
   if like:  # the setting it names, and any other that names the same one (a fresh search may have run only that)
     for src in [like] + [n for n, (_, _, l) in SETTINGS.items() if l == like and n != name]:
       link_upstream(RUNS / src, workdir)
