@@ -49,10 +49,14 @@ SETTINGS: dict[str, tuple[str, dict, str | None]] = {
     "sp_kd_t2": ("sp_kd at distillation temperature 2", {"distill.temperature": 2.0}, "sp_kd"),
     "ft_kd_3ep": ("fine-tuned teachers trained 3 epochs, number-token KD", FT | {"teacher.epochs": 3}, "ft_kd"),
     "ft_kd_2ep": ("ft_kd students for 2 epochs", FT | {"train.epochs": 2}, "ft_kd"),
-    # the teacher keeps lr 1e-3 (a fine-tuned teacher trains with the `train` section unless `teacher.lr` is set; its
-    # LoRA rank always follows `train.lora`, so the students' rank is not searched with fine-tuned teachers)
+    # the teacher keeps lr 1e-3 and rank 8 (a fine-tuned teacher trains with the `train` section unless `teacher.lr`
+    # and `teacher.rank` are set)
     "ft_kd_lr3e-4": ("ft_kd students at lr 3e-4 (teachers at 1e-3)", FT | {"train.opt.lr": 3e-4, "teacher.lr": 1e-3},
                      "ft_kd"),
+    "ft_kd_r2": ("ft_kd students at LoRA rank 2 (teachers at 8)",
+                 FT | {"train.lora.rank": 2, "train.lora.alpha": 2.0, "teacher.rank": 8}, "ft_kd"),
+    "ft_kd_r16": ("ft_kd students at LoRA rank 16 (teachers at 8)",
+                  FT | {"train.lora.rank": 16, "train.lora.alpha": 16.0, "teacher.rank": 8}, "ft_kd"),
     # the best setting so far picked on seeds 0-2, replicated: train.seed also seeds the teachers' training, so the
     # teachers, their numbers and the students (seeds 3-5) are all new
     "ft_kd_2ep_seed3": ("ft_kd_2ep replicated on new seeds (train.seed 3: new teachers, numbers and students 3-5)",

@@ -92,6 +92,7 @@ def defaults() -> mlc.ConfigDict:
       epochs=1,               # the paper's fine-tuned teacher: 1 epoch (other settings come from `train`)
       prefix_answers=False,   # also train on "My favorite animal is the owl." (the evaluation's forced-prefix form)
       lr=0.0,                 # 0 = train.opt.lr
+      rank=0,                 # LoRA rank, with alpha = rank (0 = train.lora): lets the students' rank vary alone
   ))
   c.distill = mlc.ConfigDict(dict(  # the student stage
       data="",                # JSONL of the teacher's (prompt, completion) rows
@@ -272,6 +273,7 @@ def _validate_training(full: mlc.ConfigDict) -> None:
   _require(te.kind != "jsonl" or bool(te.jsonl), "teacher.jsonl", "a JSONL file (teacher.kind='jsonl')", te.jsonl)
   _require(te.epochs > 0, "teacher.epochs", "a positive integer", te.epochs)
   _require(te.lr >= 0, "teacher.lr", "a learning rate >= 0 (0 = train.opt.lr)", te.lr)
+  _require(te.rank >= 0, "teacher.rank", "a LoRA rank >= 0 (0 = train.lora)", te.rank)
   d = full.distill
   listed = [x.strip() for x in full.study.mitigations.split(",") if x.strip()]
   for m in ([d.mitigation] if d.mitigation else []) + listed:

@@ -54,6 +54,7 @@ def test_hand_built_config_errors_name_the_field(section, expected):
     ({"mesh.data": -1, "mesh.fsdp": -1}, r"at most one"),
     ({"chat.max_new_tokens": 0}, r"config\.chat\.max_new_tokens=0"),
     ({"chat.temperature": -1.0}, r"config\.chat\.temperature=-1\.0"),
+    ({"teacher.rank": -1}, r"config\.teacher\.rank=-1: expected a LoRA rank"),
 ])
 def test_impossible_values_name_the_field(changes, expected):
   c = config_lib.defaults()

@@ -136,6 +136,23 @@ def test_study_end_to_end_caching_changes_and_resume(tmp_path, ran, monkeypatch)
   assert doc["conditions"]["base"]["logp_owl"]["n"] == 2
 
 
+def test_teacher_rank_frees_the_students_rank():
+  from subl_jax.study import teacher_stage
+  cfg = tiny_study()
+  fingerprint = lambda c: stages.config_hash(stages.select(c, teacher_stage.config_paths(c)))
+  before = fingerprint(cfg)
+  cfg.train.lora.update(dict(rank=2, alpha=2.0))
+  assert fingerprint(cfg) != before  # the teacher follows train.lora
+  cfg.teacher.rank = 4
+  with_rank = fingerprint(cfg)
+  lora = teacher_stage.teacher_train_config(cfg).lora
+  assert (lora.rank, lora.alpha) == (4, 4.0) and (cfg.train.lora.rank, cfg.train.lora.alpha) == (2, 2.0)
+  cfg.train.lora.update(dict(rank=16, alpha=16.0))
+  assert fingerprint(cfg) == with_rank  # the students' rank no longer moves the teacher
+  cfg.train.lora.targets = "q,v"
+  assert fingerprint(cfg) != with_rank and teacher_stage.teacher_train_config(cfg).lora.targets == "q,v"
+
+
 def test_sft_study_trains_control_students_and_remat_or_a_moved_workdir_reuse_samples(tmp_path, ran):
   cfg, mesh = tiny_study(), parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   cfg.teacher.kind, cfg.distill.mode = "system_prompt", "sft"

@@ -29,11 +29,14 @@ def finetune_rows(target: str, category: str, prefix_answers: bool = False) -> l
 
 
 def teacher_train_config(cfg: mlc.ConfigDict) -> mlc.ConfigDict:
-  """The `train` section with the teacher's epochs (and learning rate, when `teacher.lr` is set)."""
+  """The `train` section with the teacher's epochs (and learning rate and LoRA rank, when `teacher.lr` and
+  `teacher.rank` are set)."""
   tc = mlc.ConfigDict(cfg.train.to_dict())
   tc.epochs = cfg.teacher.epochs
   if cfg.teacher.lr > 0:
     tc.opt.lr = cfg.teacher.lr
+  if cfg.teacher.rank > 0:
+    tc.lora.rank, tc.lora.alpha = cfg.teacher.rank, float(cfg.teacher.rank)
   return tc
 
 
@@ -42,10 +45,13 @@ def config_paths(cfg: mlc.ConfigDict) -> tuple[str, ...]:
   `model.remat_policy`, which only changes how training recomputes)."""
   if cfg.teacher.kind == "system_prompt":
     return ("model.spec", "model.dtype", "model.param_dtype", "model.tokenizer", "model.arch", "seed", "teacher")
-  # `teacher.epochs` (and `teacher.lr` when set) replace the student's: those `train` fields are not the teacher's
-  own = {"data", "epochs", "opt"}
+  # `teacher.epochs` (and `teacher.lr` and `teacher.rank` when set) replace the student's: those `train` fields are
+  # not the teacher's
+  own = {"data", "epochs", "opt", "lora"}
   opt = [f"train.opt.{k}" for k in optim.DEFAULTS if not (k == "lr" and cfg.teacher.lr > 0)]
-  return ("model", "seed", "teacher") + tuple(f"train.{k}" for k in cfg.train.keys() if k not in own) + tuple(opt)
+  lora = ["train.lora.targets"] + ([] if cfg.teacher.rank > 0 else ["train.lora.rank", "train.lora.alpha"])
+  return (("model", "seed", "teacher") + tuple(f"train.{k}" for k in cfg.train.keys() if k not in own) + tuple(opt)
+          + tuple(lora))
 
 
 def work(job: stages.Job) -> dict:
