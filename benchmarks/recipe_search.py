@@ -115,7 +115,8 @@ def write_tables(results: dict) -> None:
            "`benchmarks/recipe_search.py`: `configs/demo_cpu.py` (owl, dolphin, eagle; 3 training seeds each; "
            "log P(animal | question, forced prefix) over the 50 questions) with the overrides below, no null "
            "conditions. Specificity = own student's Δ log P minus the other animals' students' Δ on the same animal; "
-           "95 % t-interval over the 3 seeds; p: paired test over seeds × questions. Wall time: the whole study, "
+           "95 % t-interval over the 3 seeds, which decides the verdicts; p: paired test over seeds × questions (it counts "
+           "the questions as independent, so it overstates the evidence). Wall time: the whole study, "
            "2 shared CPU cores.", "",
            "| setting | what | mean specificity [95 % CI], p | owl | dolphin | eagle | profile coef. | teachers' own "
            "specificity | wall |", "|---|---|---|---|---|---|---|---|---:|"]

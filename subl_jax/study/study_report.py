@@ -163,6 +163,9 @@ def _notes(doc: dict[str, Any]) -> list[str]:
               f"{transfer.p_text(s['paired']['p'])}" for t, s in st["specificity"].items()]
     if not one_seed:
       lines.append(f"- mean over targets: {_fmt(st['mean_specificity']['over_seeds'])}")
+      # questions within a seed share one trained student, so they are not independent pairs
+      lines.append("\nThe paired p counts every seed × question as an independent pair and so overstates the "
+                   "evidence; the interval over seeds decides the verdict.")
     lines += ["", "**Verdict**:"] + [f"- {v}" for v in st["verdict"].values()]
   else:
     lines += ["", f"One target ({targets[0]}): specificity needs other targets' students as controls, so a shift here "

@@ -263,7 +263,7 @@ def verdict(data: TransferData, targets: Sequence[str] | None = None, level: flo
     diag = sp["diagonal"]["over_questions" if one_seed else "over_seeds"]
     where = (f"{data.n_questions} questions, 1 seed: no across-seed interval" if one_seed
              else f"{data.n_seeds} seeds")
-    spec_txt = f"specificity {fmt(spec_s)}, {where}, {p_text(sp['paired']['p'])}"
+    spec_txt = f"specificity {fmt(spec_s)}, {where}; paired over seeds × questions {p_text(sp['paired']['p'])}"
     spec_ok, diag_ok = _significant(spec_s, level), _significant(diag, level)
     if spec_ok and diag_ok:
       text = f"{t}: specific transfer ({spec_txt})"
