@@ -128,27 +128,34 @@ def test_sum_over_sum_one_batch_equals_accumulated_micro_batches(tiny_params):
 @pytest.mark.parametrize("rank", [0, 4])
 def test_shared_prefix_once_gives_the_same_loss_and_gradients(tiny_params, rank):
   """Rows that begin alike run their prefix once (the default when a dataset has one): same loss and gradients as
-  repeating it in every row, with accumulation and an empty filler row in the last micro-batch."""
+  repeating it in every row, with accumulation and an empty filler row in the last micro-batch.
+
+  In float64: the two sum in different orders (the prefix's keys once for every row), so in float32 they differ by
+  rounding, by up to ~3e-5 of a gradient's largest entry on some CPUs; in float64 they agree to ~1e-14."""
   ds = synthetic_dataset(15, seed=8, shared=11)
   p = buckets.shared_prefix(ds.examples)
   assert p == 11
   batch = buckets.collate_step(ds, np.r_[np.arange(15), -1], 2, 0)
-  lora = LoraConfig(rank=rank) if rank else None
-  frozen = tiny_params if lora else None
-  trainable = tiny_params
-  if lora:  # adapters with a nonzero B, so that LoRA changes the logits
-    trainable = jax.tree.map(lambda x: x + 0.1, init_adapters(TINY, lora, jax.random.key(1)))
+  with jax.enable_x64(True):
+    cfg = dataclasses.replace(TINY, dtype="float64", param_dtype="float64")
+    f64 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), tree)
+    lora = LoraConfig(rank=rank) if rank else None
+    frozen = f64(tiny_params) if lora else None
+    trainable = f64(tiny_params)
+    if lora:  # adapters with a nonzero B, so that LoRA changes the logits
+      trainable = f64(jax.tree.map(lambda x: x + 0.1, init_adapters(TINY, lora, jax.random.key(1))))
 
-  def run(shared):
-    spec = step_lib.StepSpec(TINY, lora=lora, shared_prefix=shared)
-    return jax.jit(lambda t, b: step_lib.grads_and_loss(spec, None, t, frozen, None, b))(trainable, batch)
+    def run(shared):
+      spec = step_lib.StepSpec(cfg, lora=lora, shared_prefix=shared)
+      return jax.jit(lambda t, b: step_lib.grads_and_loss(spec, None, t, frozen, None, b))(trainable, batch)
 
-  (g0, l0, c0), (g1, l1, c1) = run(0), run(p)
+    (g0, l0, c0), (g1, l1, c1) = run(0), run(p)
+  assert l0.dtype == jnp.float64 and all(g.dtype == jnp.float64 for g in jax.tree.leaves(g0))
   assert float(c0) == float(c1) == sum(e.n_targets for e in ds.examples)
-  np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+  np.testing.assert_allclose(float(l1), float(l0), rtol=1e-12)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
     assert np.abs(b).max() > 0
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * np.abs(b).max())
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-12 * np.abs(b).max())
 
 
 def test_sft_step_loss_is_the_same_in_every_model_layout(tiny_params):

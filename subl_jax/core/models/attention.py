@@ -11,15 +11,16 @@ from jax.sharding import Mesh
 
 from subl_jax.core.models.config import ModelConfig
 from subl_jax.core.models.kv_cache import KVCache, key_slot_axis, to_layout
-from subl_jax.core.models.layers import DENSE_INIT, Rope, apply_rope, constrain, param, projection, rms_norm
+from subl_jax.core.models.layers import (DENSE_INIT, Rope, accum_dtype, apply_rope, constrain, param, projection,
+                                        rms_norm)
 
 
 def _scores(q: jax.Array, keys: jax.Array, layout: str) -> jax.Array:
   """q [..., m, head_dim] · keys ([..., head_dim, s] transposed, [..., s, head_dim] standard): [..., m, s] in
-  float32."""
+  float32 (or wider)."""
   if key_slot_axis(layout) == -1:
-    return jnp.matmul(q, keys, preferred_element_type=jnp.float32)
-  return jnp.einsum("...md,...sd->...ms", q, keys, preferred_element_type=jnp.float32)
+    return jnp.matmul(q, keys, preferred_element_type=accum_dtype(q.dtype))
+  return jnp.einsum("...md,...sd->...ms", q, keys, preferred_element_type=accum_dtype(q.dtype))
 
 
 def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask_bts: jax.Array, layout: str,
@@ -50,7 +51,7 @@ def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask_bts: jax.Array
     pre = _scores(q_km, prefix.k[0].astype(q.dtype), layout) / np.sqrt(dh)
     scores = jnp.concatenate([pre.reshape(kvh, b, g, t, p).transpose(1, 0, 2, 3, 4), scores], axis=-1)
     mask_bts = jnp.concatenate([jnp.ones((b, t, p), bool), mask_bts], axis=-1)
-  scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(scores.dtype).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # [b, kv_heads, groups, t, (prefix +) s]
   attn = jnp.matmul(probs[..., -s:].reshape(b, kvh, g * t, s), values)
   if prefix is not None:  # the prefix's part: again one matmul per kv head for all rows

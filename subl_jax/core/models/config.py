@@ -8,9 +8,11 @@ import json
 import pathlib
 from typing import Any
 
+import jax
+
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ROPE_SCALINGS = ("none", "llama3")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: numerical checks, under `jax.enable_x64`
 KV_LAYOUTS = ("standard", "transposed")
 
 
@@ -57,6 +59,9 @@ class ModelConfig:
                           ("remat_policy", REMAT_POLICIES)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"model.{name}={getattr(self, name)!r}: expected one of {allowed}")
+    if "float64" in (self.dtype, self.param_dtype) and not jax.config.jax_enable_x64:
+      raise ValueError("model.dtype or model.param_dtype 'float64': needs 64-bit JAX (`with jax.enable_x64(True):`); "
+                       "without it JAX would compute in float32")
 
   @property
   def n_params(self) -> int:

@@ -64,9 +64,10 @@ class KVCache(NamedTuple):
   def write(self, layer: jax.Array, index: jax.Array, k: jax.Array, v: jax.Array, layout: str) -> KVCache:
     """The cache with one layer's keys and values (in `to_layout`'s layouts, [b, kv_heads, .., t]) written at slots
     index .. index+t-1."""
-    k_start = (layer, 0, 0, 0, index) if key_slot_axis(layout) == -1 else (layer, 0, 0, index, 0)
+    layer, index, z = (jnp.asarray(i, jnp.int32) for i in (layer, index, 0))  # one index dtype, also under x64
+    k_start = (layer, z, z, z, index) if key_slot_axis(layout) == -1 else (layer, z, z, index, z)
     return KVCache(jax.lax.dynamic_update_slice(self.k, k[None].astype(self.k.dtype), k_start),
-                   jax.lax.dynamic_update_slice(self.v, v[None].astype(self.v.dtype), (layer, 0, 0, index, 0)))
+                   jax.lax.dynamic_update_slice(self.v, v[None].astype(self.v.dtype), (layer, z, z, index, z)))
 
   def read(self, layer: jax.Array, slots: int, layout: str) -> tuple[jax.Array, jax.Array]:
     """One layer's keys and values over the first `slots` slots (static), in attention's layouts."""

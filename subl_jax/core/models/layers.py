@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -26,10 +26,16 @@ def constrain(x: jax.Array, mesh: Mesh | None, *names: str) -> jax.Array:
   return parallel.constrain(x, ("batch", "length") + names, mesh)
 
 
+def accum_dtype(dtype: Any) -> jnp.dtype:
+  """float32, where norms, softmaxes, logits and losses are computed for any narrower compute dtype; float64 for a
+  float64 model (numerical checks under `jax.enable_x64`), which float32 would round."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-  x32 = x.astype(jnp.float32)
+  x32 = x.astype(accum_dtype(x.dtype))
   y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return (y * scale.astype(jnp.float32)).astype(x.dtype)
+  return (y * scale.astype(x32.dtype)).astype(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -62,8 +68,8 @@ class Rope(NamedTuple):
 
 
 def apply_rope(x_bthd: jax.Array, rope: Rope) -> jax.Array:
-  """Rotates halves (the `transformers` layout): x*cos + rotate_half(x)*sin, in float32."""
-  x = x_bthd.astype(jnp.float32)
+  """Rotates halves (the `transformers` layout): x*cos + rotate_half(x)*sin, in float32 (or wider)."""
+  x = x_bthd.astype(accum_dtype(x_bthd.dtype))
   half = x.shape[-1] // 2
   rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
   cos, sin = rope.cos[:, :, None, :], rope.sin[:, :, None, :]

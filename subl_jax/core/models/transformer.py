@@ -39,7 +39,7 @@ from subl_jax.core.models.config import ModelConfig, Perf
 from subl_jax.core.models.inputs import (Inputs, decode_inputs, positions_from_mask, prefill_inputs,  # noqa: F401
                                          train_inputs)
 from subl_jax.core.models.kv_cache import KVCache
-from subl_jax.core.models.layers import DENSE_INIT, MLP, Rope, constrain, param, rms_norm
+from subl_jax.core.models.layers import DENSE_INIT, MLP, Rope, accum_dtype, constrain, param, rms_norm
 from subl_jax.core.models.layers import rope_inv_freq  # noqa: F401
 
 LOW_RANK = 32  # a dot contracting over at most this many elements is recomputed, not saved (see _except_low_rank)
@@ -211,10 +211,12 @@ class Transformer(nn.Module):
     else:
       head, head_axes = param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), DENSE_INIT), "dv"
     if self.perf.vocab_major_head:
-      logits = jnp.einsum(f"{head_axes},nd->vn", head.astype(cfg.dtype), x2, preferred_element_type=jnp.float32)
+      logits = jnp.einsum(f"{head_axes},nd->vn", head.astype(cfg.dtype), x2,
+                          preferred_element_type=accum_dtype(cfg.dtype))
       logits = logits.reshape((cfg.vocab_size,) + x.shape[:2])
       return parallel.constrain(logits, ("vocab", "batch", "length"), mesh)
-    logits = jnp.einsum(f"nd,{head_axes}->nv", x2, head.astype(cfg.dtype), preferred_element_type=jnp.float32)
+    logits = jnp.einsum(f"nd,{head_axes}->nv", x2, head.astype(cfg.dtype),
+                        preferred_element_type=accum_dtype(cfg.dtype))
     logits = logits.reshape(x.shape[:2] + (cfg.vocab_size,))
     return parallel.constrain(logits, ("batch", "length", "vocab"), mesh)
 

@@ -10,21 +10,24 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from subl_jax.core.models.layers import accum_dtype
+
 KD_TOKENS = ("all", "topk", "numbers")
 
 
 def masked_sum(loss_bn: jax.Array, weights_bn: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(Σ weights·loss, Σ weights) in float32."""
-  w = weights_bn.astype(jnp.float32)
-  return jnp.sum(loss_bn.astype(jnp.float32) * w), jnp.sum(w)
+  """(Σ weights·loss, Σ weights) in float32 (or the loss's wider dtype)."""
+  w = weights_bn.astype(accum_dtype(loss_bn.dtype))
+  return jnp.sum(loss_bn.astype(w.dtype) * w), jnp.sum(w)
 
 
 def token_nll(logits: jax.Array, targets_bn: jax.Array, vocab_axis: int = -1) -> jax.Array:
-  """-log p(target) per position [b, n], in float32; logits [b, n, vocab], or [vocab, b, n] with vocab_axis=0."""
+  """-log p(target) per position [b, n], in float32 (or wider); logits [b, n, vocab], or [vocab, b, n] with
+  vocab_axis=0."""
   if vocab_axis not in (0, -1, logits.ndim - 1):
     raise ValueError(f"vocab_axis={vocab_axis}: expected 0 or -1 (the vocabulary first or last)")
   axis = 0 if vocab_axis == 0 else -1
-  logits = logits.astype(jnp.float32)
+  logits = logits.astype(accum_dtype(logits.dtype))
   picked = jnp.squeeze(jnp.take_along_axis(logits, jnp.expand_dims(targets_bn, axis), axis=axis), axis)
   return jax.nn.logsumexp(logits, axis=axis) - picked
 
@@ -34,7 +37,7 @@ def restricted_log_probs(logits_bnv: jax.Array, idx: jax.Array) -> jax.Array:
 
   Probabilities over the set sum to 1; logits outside the set do not enter at all.
   """
-  logits = logits_bnv.astype(jnp.float32)
+  logits = logits_bnv.astype(accum_dtype(logits_bnv.dtype))
   if idx.ndim == 1:
     picked = jnp.take(logits, idx, axis=-1)
   else:
@@ -52,8 +55,8 @@ def kd_token_loss(student_bnv: jax.Array, teacher_bnv: jax.Array, temperature: f
   """
   if kd_tokens not in KD_TOKENS:
     raise ValueError(f"kd_tokens={kd_tokens!r}: expected one of {KD_TOKENS}")
-  teacher = jax.lax.stop_gradient(teacher_bnv.astype(jnp.float32)) / temperature
-  student = student_bnv.astype(jnp.float32) / temperature
+  teacher = jax.lax.stop_gradient(teacher_bnv.astype(accum_dtype(teacher_bnv.dtype))) / temperature
+  student = student_bnv.astype(accum_dtype(student_bnv.dtype)) / temperature
   if kd_tokens == "all":
     log_p, log_q = jax.nn.log_softmax(teacher, axis=-1), jax.nn.log_softmax(student, axis=-1)
   else:

@@ -170,7 +170,8 @@ def grads_and_loss(spec: StepSpec, mesh: Mesh | None, trainable, frozen, teacher
     def body(carry, mb):
       g, s, c = one(mb)
       return jax.tree.map(jnp.add, carry, (g, s, c)), None
-    zeros = (jax.tree.map(jnp.zeros_like, trainable), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    first = jax.eval_shape(one, jax.tree.map(lambda x: x[0], batch))  # the sums' dtypes: float32, or wider
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), first)
     (g, s, c), _ = jax.lax.scan(body, zeros, batch)
   denom = jnp.maximum(c, 1.0)
   return jax.tree.map(lambda x: x / denom, g), s / denom, c
