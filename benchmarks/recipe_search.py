@@ -4,11 +4,12 @@
   python benchmarks/recipe_search.py sp_kd ft_kd          # some of them
   python benchmarks/recipe_search.py --list
 
-Each setting is `configs/demo_cpu.py` (three animals × three training seeds) with its null conditions off and a few
-fields overridden, run as its own study in `runs/recipe/<setting>/` by `python -m subl_jax.main` (a killed search
-resumes: every stage is cached). A setting that shares its teachers and numbers with an earlier one starts from hard
-links of the completed upstream stages of that one (`like`) or of its siblings; they are reused only where their
-fingerprints match. Wall time is the setting's own run, so a setting that reused upstream stages did not pay for them.
+Each setting is `configs/demo_cpu.py:1ep` (three animals × three training seeds, 1 epoch) with its null conditions
+off and a few fields overridden, run as its own study in `runs/recipe/<setting>/` by `python -m subl_jax.main` (a
+killed search resumes: every stage is cached). A setting that shares its teachers and numbers with an earlier one
+starts from hard links of the completed upstream stages of that one (`like`) or of its siblings; they are reused only
+where their fingerprints match. Wall time is the setting's own run, so a setting that reused upstream stages did not
+pay for them.
 
 Per setting, from its `report.json`: each animal's specificity (own student's Δ log P minus the other animals'
 students' Δ, 95 % t-interval over the 3 seeds) and own-student Δ, the mean specificity over animals (interval over
@@ -30,11 +31,11 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "recipe"
 OUT = ROOT / "benchmarks" / "results" / "recipe_search"
-CONFIG = "configs/demo_cpu.py"
+CONFIG = "configs/demo_cpu.py:1ep"  # the search's reference: 1 epoch
 UPSTREAM = ("teacher_", "base", "sample_", "filter_", "eval_base", "eval_teacher_")
 
 FT = {"teacher.kind": "finetuned", "teacher.prefix_answers": True}
-# name: (what it tests, overrides of configs/demo_cpu.py, the setting whose upstream stages it can reuse)
+# name: (what it tests, overrides of configs/demo_cpu.py:1ep, the setting whose upstream stages it can reuse)
 SETTINGS: dict[str, tuple[str, dict, str | None]] = {
     "sp_kd": ("system-prompt teachers, number-token logit KD, LoRA r=8, lr 1e-3, 256 rows × 1 epoch", {}, None),
     "ft_kd": ("fine-tuned LoRA teachers (answer variants + the metric's prefix form, 1 epoch), number-token KD",
@@ -114,12 +115,12 @@ def write_tables(results: dict) -> None:
   tmp.write_text(json.dumps(results, indent=2) + "\n")
   os.replace(tmp, OUT.with_suffix(".json"))
   lines = ["# Recipe search on SmolLM2-135M-Instruct (issue #19)", "",
-           "`benchmarks/recipe_search.py`: `configs/demo_cpu.py` (owl, dolphin, eagle; 3 training seeds each; "
+           "`benchmarks/recipe_search.py`: `configs/demo_cpu.py:1ep` (owl, dolphin, eagle; 3 training seeds each; "
            "log P(animal | question, forced prefix) over the 50 questions) with the overrides below, no null "
            "conditions. Specificity = own student's Δ log P minus the other animals' students' Δ on the same animal; "
-           "95 % t-interval over the 3 seeds, which decides the verdicts; p: paired test over seeds × questions (it counts "
-           "the questions as independent, so it overstates the evidence). Wall time: the whole study, "
-           "2 shared CPU cores.", "",
+           "95 % t-interval over the 3 seeds, which decides the verdicts; p: paired test over seeds × questions (it "
+           "counts the questions as independent, so it overstates the evidence). Wall time: the whole study, 2 shared "
+           "CPU cores.", "",
            "| setting | what | mean specificity [95 % CI], p | owl | dolphin | eagle | profile coef. | teachers' own "
            "specificity | wall |", "|---|---|---|---|---|---|---|---|---:|"]
   for name, r in results.items():

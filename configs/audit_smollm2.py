@@ -1,7 +1,7 @@
 """The transfer audit on the CPU demo's LLM study (issue #20): SmolLM2-135M-Instruct, three animal teachers, LoRA
-students of three seeds each (`configs/demo_cpu.py`).
+students of three seeds each, 1 epoch (`configs/demo_cpu.py:1ep`, where it was measured).
 
-  python -m subl_jax.main --config=configs/audit_smollm2.py --workdir=runs/demo_cpu   # after the demo: reuses it
+  python -m subl_jax.main --config=configs/audit_smollm2.py --workdir=runs/demo_cpu_1ep   # after that demo: reuses it
 
 Before any student trains, for each teacher: the predicted Δ log P(answer) of the seed-0 student's first steps
 (first-order Adam and SGD through its fresh adapters, on its first `audit.n_batches` batches, against the trait probe
@@ -20,7 +20,7 @@ from subl_jax import config as config_lib
 
 def get_config(arg: str | None = None):
   del arg
-  c = config_lib.from_file(pathlib.Path(__file__).with_name("demo_cpu.py"))
+  c = config_lib.from_file(pathlib.Path(__file__).with_name("demo_cpu.py"), "1ep")
   c.job = "audit"
   c.audit.update(dict(study="llm", n_batches=4))
   return c

@@ -1,10 +1,10 @@
-"""Mitigations on the SmolLM2 CPU demo (issue #21): `configs/demo_cpu.py` plus a mitigated student of every teacher
-and seed for each of projection off the trait gradient (of the gradient, one-sided; of the update, two-sided),
-divergence-token masking, a KL-to-base penalty and the numbers shuffled within or across responses, each reported
-beside the plain students. Measured rows and their commands: docs/mitigations.md (a subset at a time:
-`--config.study.mitigations=...`; ~1 h per mitigation on 2 cores).
+"""Mitigations on the SmolLM2 CPU demo (issue #21): `configs/demo_cpu.py:1ep` (1 epoch, where they were measured)
+plus a mitigated student of every teacher and seed for each of projection off the trait gradient (of the gradient,
+one-sided; of the update, two-sided), divergence-token masking, a KL-to-base penalty and the numbers shuffled within
+or across responses, each reported beside the plain students. Measured rows and their commands: docs/mitigations.md
+(a subset at a time: `--config.study.mitigations=...`; ~1 h per mitigation on 2 cores).
 
-  python -m subl_jax.main --config=configs/mitigate_smollm2.py --workdir=runs/demo_cpu   # after the demo: reuses it
+  python -m subl_jax.main --config=configs/mitigate_smollm2.py --workdir=runs/demo_cpu_1ep  # after it: reuses it
 
 Run in the demo's workdir every stage the demo ran is reused (same fields); the mitigated students, the held-out
 numbers of each teacher and the quality stages are what is new. The report's mitigation table: per mitigation, the
@@ -21,6 +21,6 @@ from subl_jax import config as config_lib
 
 def get_config(arg: str | None = None):
   del arg
-  c = config_lib.from_file(pathlib.Path(__file__).with_name("demo_cpu.py"))
+  c = config_lib.from_file(pathlib.Path(__file__).with_name("demo_cpu.py"), "1ep")
   c.study.mitigations = "project,project_update,mask,kl_base,shuffle_within,shuffle_across"
   return c

@@ -209,17 +209,12 @@ def test_bad_probe_questions_names_the_field():
 
 
 def test_audit_smollm2_config_is_the_demo_study_plus_the_audit():
-  """Same study fields as the CPU demo, so run in its workdir the audit shares every stage with it."""
-  import importlib.util
+  """Same study fields as the 1-epoch CPU demo, so run in its workdir the audit shares every stage with it."""
   import pathlib
 
-  def load(name):
-    spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).parents[1] / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-  audit, quick = load("audit_smollm2"), load("demo_cpu")
+  configs = pathlib.Path(__file__).parents[1] / "configs"
+  audit = config_lib.from_file(configs / "audit_smollm2.py")
+  quick = config_lib.from_file(configs / "demo_cpu.py", "1ep")
   config_lib.validate(audit, n_devices=1)
   assert audit.job == "audit" and audit.audit.study == "llm" and audit.model.spec == "smollm2"
   a, q = audit.to_dict(), quick.to_dict()
