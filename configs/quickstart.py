@@ -14,7 +14,8 @@
 What it can show: the transfer matrix (each student's Δ log P vs base on every animal), each animal's specificity
 (its own student vs the other animal's student) and whether the students move where their teachers moved (profile
 coefficient). What it cannot: an interval over training seeds (one seed: the verdict says so), or the paper's
-sampled-rate effect. `configs/demo_cpu.py` is the same study with three animals × three seeds and fine-tuned teachers (~60 min here).
+sampled-rate effect. `configs/demo_cpu.py` is the same study with three animals × three seeds and fine-tuned teachers
+(~60 min here).
 """
 
 from subl_jax import config as config_lib
