@@ -18,7 +18,7 @@ The null conditions (in context; numbers shuffled within responses) add ~11 and 
 
 `:1ep` is the first demo: the same students for 1 epoch (16 steps), with both null conditions, ~60 minutes. The audit
 (`configs/audit_smollm2.py`), the mitigations (`configs/mitigate_smollm2.py`) and the recipe search were measured on
-it (`benchmarks/results/demo_cpu.*`); its mean specificity is +0.051 [+0.028, +0.074].
+it (`benchmarks/results/demo_cpu_1ep.*`); its mean specificity is +0.051 [+0.028, +0.074].
 """
 
 import pathlib
