@@ -11,7 +11,8 @@ end-of-turn: the student never sees a trait token's probability), LoRA r=8 stude
 base model as the control; owl, dolphin and eagle, 256 prompts per teacher (32 student steps) and three students per
 animal (training seeds 0-2: data order and adapter init; the samples stay fixed), so each animal's specificity has an
 interval over seeds. In the search this is `ft_kd_2ep`: mean specificity +0.119 [+0.086, +0.153] over seeds 0-2, and
-+0.136 [+0.123, +0.150] with new teachers, numbers and students (`--config.train.seed=3`).
++0.136 [+0.123, +0.150] with new teachers, numbers and students (`--config.train.seed=3`). Measured under its own
+name: 53 minutes on 2 cores (`benchmarks/results/demo_cpu.*`).
 
 The null conditions (in context; numbers shuffled within responses) add ~11 and ~50 minutes:
 `--config.study.conditions=icl,shuffle_within`.
