@@ -26,11 +26,9 @@ import pathlib
 
 from subl_jax import config as config_lib
 
-ARGS = ("", "1ep")
-
 
 def get_config(arg: str | None = None):
-  if (arg or "") not in ARGS:
+  if arg not in (None, "", "1ep"):
     raise ValueError(f"configs/demo_cpu.py:{arg}: expected no argument or ':1ep'")
   path = pathlib.Path(__file__).with_name("quickstart.py")  # the quickstart's recipe, scaled up
   c = config_lib.from_file(path)
