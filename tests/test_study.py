@@ -188,14 +188,7 @@ def test_stage_flag_stops_after_the_named_stage(tmp_path):
 
 
 def test_study_configs_validate_and_sweep_expands():
-  import importlib.util
-
-  def load(path, arg=None):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
+  load = config.from_file
   for name, arg in [("quickstart", None), ("demo_cpu", None), ("demo_cpu", "1ep"), ("animals_smollm2", None),
                     ("animals_smollm2", "sft"), ("qwen25_7b", "/data/Qwen2.5-7B-Instruct"), ("mitigate_smollm2", None)]:
     cfg = load(ROOT / "configs" / f"{name}.py", arg)
