@@ -64,6 +64,8 @@ SETTINGS: dict[str, tuple[str, dict, str | None]] = {
                         FT | {"train.epochs": 2, "train.seed": 3}, None),
     "ft_kd_512": ("ft_kd on 512 rows × 1 epoch: ft_kd_2ep's 32 steps on twice the numbers",
                   FT | {"sample.n_prompts": 512, "sample.shard_size": 128}, "ft_kd"),
+    "ft_kd_1024": ("ft_kd on 1,024 rows × 1 epoch: 64 steps, each row seen once",
+                   FT | {"sample.n_prompts": 1024, "sample.shard_size": 256}, "ft_kd"),
     "sp_kd_1024": ("sp_kd on 1,024 rows (4x the numbers and steps)",
                    {"sample.n_prompts": 1024, "sample.shard_size": 256}, "sp_kd"),
 }
