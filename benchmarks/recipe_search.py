@@ -49,6 +49,8 @@ SETTINGS: dict[str, tuple[str, dict, str | None]] = {
     "sp_kd_r16": ("sp_kd at LoRA rank 16", {"train.lora.rank": 16, "train.lora.alpha": 16.0}, "sp_kd"),
     "sp_kd_t2": ("sp_kd at distillation temperature 2", {"distill.temperature": 2.0}, "sp_kd"),
     "ft_kd_3ep": ("fine-tuned teachers trained 3 epochs, number-token KD", FT | {"teacher.epochs": 3}, "ft_kd"),
+    "ft_kd_tlr3e-4": ("fine-tuned teachers at lr 3e-4 (weaker), the 1-epoch students of ft_kd at lr 1e-3",
+                      FT | {"teacher.lr": 3e-4}, "ft_kd"),
     "ft_kd_2ep": ("ft_kd students for 2 epochs", FT | {"train.epochs": 2}, "ft_kd"),
     # the teacher keeps lr 1e-3 and rank 8 (a fine-tuned teacher trains with the `train` section unless `teacher.lr`
     # and `teacher.rank` are set)
