@@ -14,8 +14,9 @@ interval over seeds. In the search this is `ft_kd_2ep`: mean specificity +0.119 
 +0.136 [+0.123, +0.150] with new teachers, numbers and students (`--config.train.seed=3`). Measured under its own
 name: 53 minutes on 2 cores (`benchmarks/results/demo_cpu.*`).
 
-The null conditions (in context; numbers shuffled within responses) add ~11 and ~50 minutes:
-`--config.study.conditions=icl,shuffle_within`.
+The null conditions (in context; numbers shuffled within responses) add 13 and 43 minutes:
+`--config.study.conditions=icl,shuffle_within` (`benchmarks/results/demo_cpu_nulls.*`: in context −0.001; shuffled
++0.123 [+0.112, +0.134], unchanged).
 
 `:1ep` is the first demo: the same students for 1 epoch (16 steps), with both null conditions, ~60 minutes. The audit
 (`configs/audit_smollm2.py`), the mitigations (`configs/mitigate_smollm2.py`) and the recipe search were measured on
