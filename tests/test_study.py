@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from subl_jax import config, sweep
@@ -111,13 +112,18 @@ def test_study_end_to_end_caching_changes_and_resume(tmp_path, ran, monkeypatch)
   assert set(doc["null_conditions"]) == {"icl", "shuffle_within"}
   assert doc["null_conditions"]["icl"]["matrix"]["n_seeds"] == 1
   assert doc["null_conditions"]["shuffle_within"]["matrix"]["n_seeds"] == 2
+  # a shuffled condition is compared with the students seed by seed; the in-context one has no seeds to pair
+  sw = doc["null_conditions"]["shuffle_within"]
+  paired = np.subtract(doc["students"]["mean_specificity"]["per_seed"], sw["mean_specificity"]["per_seed"])
+  assert sw["vs_students"]["difference"]["mean"] == pytest.approx(paired.mean(), abs=1e-12)
+  assert sw["vs_students"]["difference"]["n"] == 2 and "vs_students" not in doc["null_conditions"]["icl"]
   assert stages.read_manifest(tmp_path / "eval_icl_owl")["summary"]["icl_pairs"] > 0
   assert "profile_coefficient" in doc["students"] and doc["subliminal"] is True
   assert set(doc["conditions"]) == {"base", "teacher:owl", "teacher:dolphin", "student:owl", "student:dolphin",
                                     "owl:icl", "dolphin:icl", "owl:shuffle_within", "dolphin:shuffle_within"}
   assert set(doc["wall_s"]) == set(STAGE_DIRS)
   md = (tmp_path / "report.md").read_text()
-  assert "Transfer matrix" in md and "Verdict" in md and (tmp_path / "report.png").stat().st_size > 0
+  assert "Transfer matrix" in md and "Verdict" in md and "students − shuffle_within" in md and (tmp_path / "report.png").stat().st_size > 0
 
   # A second run does no work.
   ran.clear()

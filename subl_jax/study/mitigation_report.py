@@ -57,6 +57,13 @@ def _pct(s: dict[str, Any] | None) -> str:
   return f"{100 * s['mean']:.0f} % [{lo_txt}, {hi_txt}]"
 
 
+def removed_text(r: dict[str, Any]) -> str:
+  """`transfer.removed_fraction`'s ratio as text, or why it has none (no significant transfer to remove)."""
+  if not r["plain_significant"]:
+    return f"n/a: unmitigated specificity {transfer.fmt(r['plain'])} is not significant"
+  return _pct(r["removed"])
+
+
 def notes(section_doc: dict[str, Any]) -> list[str]:
   """report.md's mitigation table."""
   if not section_doc:
@@ -68,9 +75,7 @@ def notes(section_doc: dict[str, Any]) -> list[str]:
            "mitigated) | keep rate (base / plain / mitigated) |", "|---|---|---|---|---|---|"]
   for m, s in section_doc.items():
     r, q = s["removed"], s["quality"]
-    removed = _pct(r["removed"]) if r["plain_significant"] else \
-        f"n/a: unmitigated specificity {transfer.fmt(r['plain'])} is not significant"
     kl = " / ".join(f"{q['kl_numbers'][k]:.4f}" for k in ("base", "plain", "mitigated"))
     rate = " / ".join(f"{100 * q['keep_rate'][k]['mean']:.1f} %" for k in ("base", "plain", "mitigated"))
-    lines.append(f"| {m} | {transfer.fmt(r['mitigated'])} | {removed} | {_pct(q['kept'])} | {kl} | {rate} |")
+    lines.append(f"| {m} | {transfer.fmt(r['mitigated'])} | {removed_text(r)} | {_pct(q['kept'])} | {kl} | {rate} |")
   return lines

@@ -77,8 +77,13 @@ def write(cfg: mlc.ConfigDict, workdir: pathlib.Path, dirs: dict[str, Any]) -> d
   else:
     doc["control"] = "students trained the same way on the base model's numbers (control_s<k>)"
     doc["student_minus_control"] = _minus_control(evals, targets)
-  doc["null_conditions"] = {c: _condition_stats(_data(evals, targets, f":{c}", answers, base, teachers), targets)
-                       for c in conds}
+  doc["null_conditions"] = {}
+  for c in conds:
+    data = _data(evals, targets, f":{c}", answers, base, teachers)
+    doc["null_conditions"][c] = _condition_stats(data, targets)
+    if c != "icl" and len(targets) > 1:
+      # the shuffled conditions train with the students' seeds: is their transfer lower, paired by seed?
+      doc["null_conditions"][c]["vs_students"] = transfer.removed_fraction(main, data)
   mits = dirs.get("mitigations", [])
   if mits:
     doc["mitigations"] = mitigation_report.section(
@@ -185,6 +190,10 @@ def _notes(doc: dict[str, Any]) -> list[str]:
     if "mean_specificity" in cs:
       lines.append(f"\nCondition {c}: mean specificity {_fmt(cs['mean_specificity']['over_seeds'])}; " + "; ".join(
           cs["verdict"].values()))
+      if "vs_students" in cs:
+        r = cs["vs_students"]
+        lines.append(f"Against the students, paired by seed: students − {c} {_fmt(r['difference'])}; transfer "
+                     f"removed {mitigation_report.removed_text(r)}.")
     else:
       row = cs["matrix"]["over_seeds"][0][0]
       lines.append(f"\nCondition {c}: Δ log P({targets[0]}) {_fmt(row)}")
