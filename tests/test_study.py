@@ -123,7 +123,8 @@ def test_study_end_to_end_caching_changes_and_resume(tmp_path, ran, monkeypatch)
                                     "owl:icl", "dolphin:icl", "owl:shuffle_within", "dolphin:shuffle_within"}
   assert set(doc["wall_s"]) == set(STAGE_DIRS)
   md = (tmp_path / "report.md").read_text()
-  assert "Transfer matrix" in md and "Verdict" in md and "students − shuffle_within" in md and (tmp_path / "report.png").stat().st_size > 0
+  assert "Transfer matrix" in md and "Verdict" in md and "students − shuffle_within" in md
+  assert (tmp_path / "report.png").stat().st_size > 0
 
   # A second run does no work.
   ran.clear()
