@@ -81,8 +81,9 @@ def write(cfg: mlc.ConfigDict, workdir: pathlib.Path, dirs: dict[str, Any]) -> d
   for c in conds:
     data = _data(evals, targets, f":{c}", answers, base, teachers)
     doc["null_conditions"][c] = _condition_stats(data, targets)
-    if c != "icl" and len(targets) > 1:
-      # the shuffled conditions train with the students' seeds: is their transfer lower, paired by seed?
+    if f"{targets[0]}:{c}" in dirs["student"] and len(targets) > 1:
+      # a condition with students of its own (shuffled numbers) trains with the students' seeds: is its transfer
+      # lower, paired by seed?
       doc["null_conditions"][c]["vs_students"] = transfer.removed_fraction(main, data)
   mits = dirs.get("mitigations", [])
   if mits:
