@@ -42,7 +42,6 @@ from subl_jax.study import context, evaluate_stage, quality_stage, student_stage
 from subl_jax.core.training.mitigations import parts as mitigation_parts
 
 STEPS = ("teacher", "sample", "filter", "student", "evaluate", "report")
-CONDITIONS = ("icl", "shuffle_within", "shuffle_across")
 
 
 def targets(cfg: mlc.ConfigDict) -> list[str]:
