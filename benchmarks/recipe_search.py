@@ -34,20 +34,23 @@ OUT = ROOT / "benchmarks" / "results" / "recipe_search"
 CONFIG = "configs/demo_cpu.py:1ep"  # the search's reference: 1 epoch
 UPSTREAM = ("teacher_", "base", "sample_", "filter_", "eval_base", "eval_teacher_")
 
+# Each setting names its teacher kind: the reference config's teachers changed (system-prompt, then fine-tuned) while
+# the search ran, and a setting must mean the same run whatever the reference holds today.
+SP = {"teacher.kind": "system_prompt", "teacher.prefix_answers": False}
 FT = {"teacher.kind": "finetuned", "teacher.prefix_answers": True}
 # name: (what it tests, overrides of configs/demo_cpu.py:1ep, the setting whose upstream stages it can reuse)
 SETTINGS: dict[str, tuple[str, dict, str | None]] = {
-    "sp_kd": ("system-prompt teachers, number-token logit KD, LoRA r=8, lr 1e-3, 256 rows × 1 epoch", {}, None),
+    "sp_kd": ("system-prompt teachers, number-token logit KD, LoRA r=8, lr 1e-3, 256 rows × 1 epoch", SP, None),
     "ft_kd": ("fine-tuned LoRA teachers (answer variants + the metric's prefix form, 1 epoch), number-token KD",
               FT, None),
     "sp_sft": ("system-prompt teachers, SFT students (control students on the base model's numbers)",
-               {"distill.mode": "sft"}, "sp_kd"),
+               SP | {"distill.mode": "sft"}, "sp_kd"),
     "ft_sft": ("fine-tuned teachers, SFT students", FT | {"distill.mode": "sft"}, "ft_kd"),
-    "sp_kd_2ep": ("sp_kd for 2 epochs", {"train.epochs": 2}, "sp_kd"),
-    "sp_kd_lr3e-4": ("sp_kd at lr 3e-4", {"train.opt.lr": 3e-4}, "sp_kd"),
-    "sp_kd_r2": ("sp_kd at LoRA rank 2", {"train.lora.rank": 2, "train.lora.alpha": 2.0}, "sp_kd"),
-    "sp_kd_r16": ("sp_kd at LoRA rank 16", {"train.lora.rank": 16, "train.lora.alpha": 16.0}, "sp_kd"),
-    "sp_kd_t2": ("sp_kd at distillation temperature 2", {"distill.temperature": 2.0}, "sp_kd"),
+    "sp_kd_2ep": ("sp_kd for 2 epochs", SP | {"train.epochs": 2}, "sp_kd"),
+    "sp_kd_lr3e-4": ("sp_kd at lr 3e-4", SP | {"train.opt.lr": 3e-4}, "sp_kd"),
+    "sp_kd_r2": ("sp_kd at LoRA rank 2", SP | {"train.lora.rank": 2, "train.lora.alpha": 2.0}, "sp_kd"),
+    "sp_kd_r16": ("sp_kd at LoRA rank 16", SP | {"train.lora.rank": 16, "train.lora.alpha": 16.0}, "sp_kd"),
+    "sp_kd_t2": ("sp_kd at distillation temperature 2", SP | {"distill.temperature": 2.0}, "sp_kd"),
     "ft_kd_3ep": ("fine-tuned teachers trained 3 epochs, number-token KD", FT | {"teacher.epochs": 3}, "ft_kd"),
     "ft_kd_tlr3e-4": ("fine-tuned teachers at lr 3e-4 (weaker), the 1-epoch students of ft_kd at lr 1e-3",
                       FT | {"teacher.lr": 3e-4}, "ft_kd"),
@@ -69,7 +72,7 @@ SETTINGS: dict[str, tuple[str, dict, str | None]] = {
     "ft_kd_1024": ("ft_kd on 1,024 rows × 1 epoch: 64 steps, each row seen once",
                    FT | {"sample.n_prompts": 1024, "sample.shard_size": 256}, "ft_kd"),
     "sp_kd_1024": ("sp_kd on 1,024 rows (4x the numbers and steps)",
-                   {"sample.n_prompts": 1024, "sample.shard_size": 256}, "sp_kd"),
+                   SP | {"sample.n_prompts": 1024, "sample.shard_size": 256}, "sp_kd"),
 }
 
 
