@@ -71,6 +71,9 @@ SETTINGS: dict[str, tuple[str, dict, str | None]] = {
                   FT | {"sample.n_prompts": 512, "sample.shard_size": 128}, "ft_kd"),
     "ft_kd_1024": ("ft_kd on 1,024 rows × 1 epoch: 64 steps, each row seen once",
                    FT | {"sample.n_prompts": 1024, "sample.shard_size": 256}, "ft_kd"),
+    # ft_kd_1024 replicated as ft_kd_2ep_seed3 replicated the demo; the base model's numbers and evaluation are shared
+    "ft_kd_1024_seed3": ("ft_kd_1024 replicated on new seeds (train.seed 3: new teachers, numbers and students 3-5)",
+                         FT | {"sample.n_prompts": 1024, "sample.shard_size": 256, "train.seed": 3}, "ft_kd_1024"),
     "sp_kd_1024": ("sp_kd on 1,024 rows (4x the numbers and steps)",
                    SP | {"sample.n_prompts": 1024, "sample.shard_size": 256}, "sp_kd"),
 }
