@@ -3,6 +3,7 @@
   python benchmarks/recipe_search.py                      # every setting, in order (hours on 2 cores)
   python benchmarks/recipe_search.py sp_kd ft_kd          # some of them
   python benchmarks/recipe_search.py --list
+  python benchmarks/recipe_search.py --tables             # rewrite the .md from the stored .json, running nothing
 
 Each setting is `configs/demo_cpu.py:1ep` (three animals × three training seeds, 1 epoch) with its null conditions
 off and a few fields overridden, run as its own study in `runs/recipe/<setting>/` by `python -m subl_jax.main` (a
@@ -14,7 +15,8 @@ pay for them.
 Per setting, from its `report.json`: each animal's specificity (own student's Δ log P minus the other animals'
 students' Δ, 95 % t-interval over the 3 seeds) and own-student Δ, the mean specificity over animals (interval over
 seeds, paired p over seeds × questions), the profile coefficient, each teacher's own specificity, the verdicts and the
-wall time. Written after every setting to `benchmarks/results/recipe_search.json` and `.md`.
+wall time; and the difference of the mean specificity from the demo's setting (`DEMO`), with a Welch 95 % interval
+over the two settings' seeds. Written after every setting to `benchmarks/results/recipe_search.json` and `.md`.
 """
 
 from __future__ import annotations
@@ -28,10 +30,13 @@ import subprocess
 import sys
 import time
 
+from subl_jax.study import stats
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "recipe"
 OUT = ROOT / "benchmarks" / "results" / "recipe_search"
 CONFIG = "configs/demo_cpu.py:1ep"  # the search's reference: 1 epoch
+DEMO = "ft_kd_2ep"  # the setting configs/demo_cpu.py runs; the other settings are compared with it
 UPSTREAM = ("teacher_", "base", "sample_", "filter_", "eval_base", "eval_teacher_")
 
 # Each setting names its teacher kind: the reference config's teachers changed (system-prompt, then fine-tuned) while
@@ -100,7 +105,8 @@ def summarize(report: dict) -> dict:
   ms = st["mean_specificity"]
   pc = st.get("profile_coefficient", {}).get("pooled", {})
   out = {"specificity": spec, "mean_specificity": {"mean": ms["mean"], "ci95": ms["over_seeds"]["ci95"],
-                                                   "p": ms["paired"]["p"], "n_seeds": ms["over_seeds"]["n"]},
+                                                   "p": ms["paired"]["p"], "n_seeds": ms["over_seeds"]["n"],
+                                                   "per_seed": ms["per_seed"]},
          "profile_coefficient": {"slope": pc.get("slope"), "ci95": pc.get("ci95")},
          "teachers": {t: {"own": s["own"]["mean"], "specificity": (s["specificity"] or {}).get("mean"),
                           "specificity_ci95": (s["specificity"] or {}).get("ci95"), "significant": s["significant"]}
@@ -119,6 +125,15 @@ def _ci(s: dict) -> str:
   return f"{s['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
+def versus_demo(results: dict, name: str) -> str:
+  """The setting's mean specificity minus the demo setting's, with the Welch 95 % interval over their seeds."""
+  if name == DEMO or "summary" not in results.get(DEMO, {}):
+    return "—"
+  a, b = (results[n]["summary"]["mean_specificity"] for n in (name, DEMO))
+  d = stats.welch_diff_ci(*({"mean": x["mean"], "ci95": x["ci95"], "n": x["n_seeds"]} for x in (a, b)))
+  return _ci(d)
+
+
 def write_tables(results: dict) -> None:
   OUT.parent.mkdir(parents=True, exist_ok=True)
   tmp = OUT.with_suffix(".json.tmp")
@@ -130,12 +145,14 @@ def write_tables(results: dict) -> None:
            "conditions. Specificity = own student's Δ log P minus the other animals' students' Δ on the same animal; "
            "95 % t-interval over the 3 seeds, which decides the verdicts; p: paired test over seeds × questions (it "
            "counts the questions as independent, so it overstates the evidence). Wall time: the whole study, 2 shared "
-           "CPU cores.", "",
-           "| setting | what | mean specificity [95 % CI], p | owl | dolphin | eagle | profile coef. | teachers' own "
-           "specificity | wall |", "|---|---|---|---|---|---|---|---|---:|"]
+           f"CPU cores. − demo: the mean specificity minus that of `{DEMO}` (the demo's recipe), Welch 95 % "
+           "interval over the two settings' seeds; settings that share the demo's teachers and numbers hold them "
+           "fixed, so it covers the students' training randomness only.", "",
+           "| setting | what | mean specificity [95 % CI], p | − demo | owl | dolphin | eagle | profile coef. | "
+           "teachers' own specificity | wall |", "|---|---|---|---|---|---|---|---|---|---:|"]
   for name, r in results.items():
     if "summary" not in r:
-      lines.append(f"| {name} | {r['what']} | failed: {r.get('error', '?')} | | | | | | |")
+      lines.append(f"| {name} | {r['what']} | failed: {r.get('error', '?')} | | | | | | | |")
       continue
     s = r["summary"]
     ms = s["mean_specificity"]
@@ -145,7 +162,7 @@ def write_tables(results: dict) -> None:
     pc = s["profile_coefficient"]
     pc_txt = f"{pc['slope']:+.3f} [{pc['ci95'][0]:+.3f}, {pc['ci95'][1]:+.3f}]" if pc["slope"] is not None else "—"
     tch = ", ".join(f"{t} {v['specificity']:+.2f}" for t, v in s["teachers"].items() if v["specificity"] is not None)
-    lines.append(f"| {name} | {r['what']} | {_ci(ms)}, {p} | " + " | ".join(per) +
+    lines.append(f"| {name} | {r['what']} | {_ci(ms)}, {p} | {versus_demo(results, name)} | " + " | ".join(per) +
                  f" | {pc_txt} | {tch} | {r['wall_s'] / 60:.0f} min |")
   lines += ["", "Verdicts:"]
   for name, r in results.items():
@@ -189,6 +206,7 @@ def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("settings", nargs="*", help=f"any of {list(SETTINGS)} (default: all, in that order)")
   ap.add_argument("--list", action="store_true")
+  ap.add_argument("--tables", action="store_true", help="rewrite the tables from the stored results; run nothing")
   args = ap.parse_args()
   if args.list:
     for k, (what, ov, like) in SETTINGS.items():
@@ -199,6 +217,9 @@ def main() -> None:
     ap.error(f"unknown settings {bad}; expected any of {list(SETTINGS)}")
   path = OUT.with_suffix(".json")
   results = json.loads(path.read_text()) if path.exists() else {}
+  if args.tables:
+    write_tables(results)
+    return
   for name in args.settings or list(SETTINGS):
     run_setting(name, results)
 

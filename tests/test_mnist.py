@@ -247,6 +247,19 @@ def test_mean_ci_matches_the_t_interval_by_hand():
     stats.mean_ci([])
 
 
+def test_welch_diff_ci_from_summaries_matches_scipy():
+  import scipy.stats
+  a, b = [0.25, 0.26, 0.24, 0.30], [0.09, 0.15, 0.12]
+  for level in (0.95, 0.9):
+    d = stats.welch_diff_ci(stats.mean_ci(a, level), stats.mean_ci(b, level), level)
+    ref = scipy.stats.ttest_ind(a, b, equal_var=False)
+    assert d["mean"] == pytest.approx(np.mean(a) - np.mean(b))
+    assert d["df"] == pytest.approx(ref.df)
+    assert d[stats.ci_name(level)] == pytest.approx(list(ref.confidence_interval(level)))
+  with pytest.raises(ValueError, match="no spread"):
+    stats.welch_diff_ci(stats.mean_ci([0.7]), stats.mean_ci(b))
+
+
 def test_report_files_single_metric(tmp_path):
   conds = {"teacher": stats.mean_ci([0.9, 0.95, 0.97]), "student_aux": stats.mean_ci([0.5, 0.6, 0.55])}
   md = report.write_report(tmp_path, conds, "t", extra={"seed": 3}, metric="accuracy")

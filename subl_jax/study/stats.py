@@ -1,4 +1,5 @@
-"""Confidence intervals for study results: t-distribution intervals of a mean and of a paired difference.
+"""Confidence intervals for study results: t-distribution intervals of a mean, of a paired difference and of the
+difference of two independent means (Welch).
 
 A summary is `{"mean": m, "ci95": [lo, hi], "n": n}` (the interval key is `ci<percent>`, e.g. `ci90` for level 0.9;
 `ci_key(summary)` finds it). With n = 1 there is no spread to estimate (the t-distribution has 0 degrees of freedom),
@@ -51,3 +52,28 @@ def paired_diff_ci(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndar
   if a.shape != b.shape:
     raise ValueError(f"paired_diff_ci: {a.size} vs {b.size} values; pairs need equal lengths")
   return mean_ci(a - b, level)
+
+
+def _sd(summary: dict[str, Any]) -> float:
+  """The sample standard deviation behind a `mean_ci` summary, recovered from its interval's half-width."""
+  key, n = ci_key(summary), summary["n"]
+  if n < 2:
+    raise ValueError(f"a summary of n={n} value(s) has no spread to compare; expected n >= 2")
+  level = float(key[2:]) / 100
+  lo, hi = summary[key]
+  return (hi - lo) / 2 * np.sqrt(n) / float(stdtrit(n - 1, (1 + level) / 2))
+
+
+def welch_diff_ci(a: dict[str, Any], b: dict[str, Any], level: float = 0.95) -> dict[str, Any]:
+  """mean(a) - mean(b) of two independent samples, given as `mean_ci` summaries, with the Welch t-interval at `level`.
+
+  Works from the summaries alone (the standard deviations are recovered from the intervals), so results stored without
+  their values can still be compared. `df` is the Welch-Satterthwaite degrees of freedom.
+  """
+  va, vb = _sd(a) ** 2 / a["n"], _sd(b) ** 2 / b["n"]
+  diff, se = a["mean"] - b["mean"], float(np.sqrt(va + vb))
+  if se == 0:
+    return {"mean": diff, ci_name(level): [diff, diff], "df": None}
+  df = (va + vb) ** 2 / (va ** 2 / (a["n"] - 1) + vb ** 2 / (b["n"] - 1))
+  half = float(stdtrit(df, (1 + level) / 2)) * se
+  return {"mean": diff, ci_name(level): [diff - half, diff + half], "df": float(df)}
