@@ -394,6 +394,20 @@ def test_killed_run_resumes_to_bitwise_equal_parameters(tiny_params, tmp_path, r
   assert resumed.summary["resumed_from"] == 7 and full.summary["shared_prefix"] == 8
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, resumed.trainable),
                jax.tree.map(np.asarray, full.trainable))
+
+  class KillAtLast(loop.Hook):
+    def on_step(self, lp, step, metrics):
+      if step == lp.total:  # the loop still ends as usual, but the signal must stop the job, not be lost
+        os.kill(os.getpid(), signal.SIGTERM)
+
+  outer = signal.getsignal(signal.SIGTERM)
+  with pytest.raises(checkpoint.Interrupted, match="stopped by signal 15 after the last step \\(10 of 10\\)"):
+    trainer.train(model, ds, tc, tmp_path / "last", hooks=[KillAtLast()], peak_flops=1.0, progress=False)
+  assert signal.getsignal(signal.SIGTERM) == outer  # restored: a later SIGTERM is not caught and dropped
+  again = trainer.train(model, ds, tc, tmp_path / "last", peak_flops=1.0, progress=False)
+  assert again.summary["resumed_from"] == 10
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, again.trainable),
+               jax.tree.map(np.asarray, full.trainable))
   changed = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in
              zip(jax.tree.leaves(full.trainable), jax.tree.leaves(before))] if not rank else [1.0]
   assert min(changed) > 0  # training moved the parameters
