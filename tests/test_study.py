@@ -196,8 +196,9 @@ def test_stage_flag_stops_after_the_named_stage(tmp_path):
 
 def test_study_configs_validate_and_sweep_expands():
   load = config.from_file
-  for name, arg in [("quickstart", None), ("demo_cpu", None), ("demo_cpu", "1ep"), ("animals_smollm2", None),
-                    ("animals_smollm2", "sft"), ("qwen25_7b", "/data/Qwen2.5-7B-Instruct"), ("mitigate_smollm2", None)]:
+  for name, arg in [("quickstart", None), ("demo_cpu", None), ("demo_cpu", "1ep"), ("demo_gpu", None),
+                    ("animals_smollm2", None), ("animals_smollm2", "sft"), ("qwen25_7b", "/data/Qwen2.5-7B-Instruct"),
+                    ("mitigate_smollm2", None)]:
     cfg = load(ROOT / "configs" / f"{name}.py", arg)
     config.validate(cfg, n_devices=1)
     assert cfg.job == "study" and len(pipeline.targets(cfg)) >= 2, name  # specificity needs other targets
