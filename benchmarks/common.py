@@ -30,6 +30,9 @@ ARCHS = {
                          mlp_dim=8192, rope_theta=500000.0, rms_eps=1e-5, tie_embeddings=True,
                          rope_scaling="llama3", rope_factor=32.0, rope_low_freq_factor=1.0,
                          rope_high_freq_factor=4.0, rope_original_max_len=8192),
+    # Qwen2.5-7B(-Instruct)'s config.json as `core/checkpoints/hf.py` imports it (q/k/v bias: model_type qwen2)
+    "qwen2.5-7b": dict(vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4, head_dim=128,
+                       mlp_dim=18944, rope_theta=1000000.0, rms_eps=1e-6, tie_embeddings=False, qkv_bias=True),
     # for smoke runs of the GPU path on a CPU (SmolLM2's vocabulary, so its tokenizer fits)
     "tiny": dict(vocab_size=49152, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, mlp_dim=128,
                  rope_theta=10000.0, tie_embeddings=True),

@@ -20,12 +20,22 @@
 #
 # Smoke run of the same path on a CPU (seconds-scale shapes):
 #   GPU_SH_TINY=1 JAX_PLATFORMS=cpu PY=.venv/bin/python OUT=/tmp/gpu_out bash benchmarks/gpu.sh
+#
+# GPU_SH_QWEN=1 runs only the paper's open-weight recipe (configs/qwen25_7b.py) on RANDOM weights of Qwen2.5-7B's
+# shapes, stage by stage (benchmarks/qwen7b_recipe.py: a measured fraction of each stage, cold then warm, scaled up
+# to the recipe's counts) -> $OUT/qwen7b_recipe.json, under `timeout` QWEN_TIMEOUT (default 420) seconds, without
+# the persistent compilation cache (its compile times are the figures a first run pays):
+#   the lead's device call:  carry=[".whl", ".gpu_inputs"]  command="GPU_SH_QWEN=1 bash benchmarks/gpu.sh"
+#                            timeout_s=540
+#   smoke run on a CPU (tiny shapes, ~3 min):
+#   GPU_SH_QWEN=1 GPU_SH_TINY=1 JAX_PLATFORMS=cpu PY=.venv/bin/python OUT=/tmp/qwen_out bash benchmarks/gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_out}
 PY=${PY:-python3}
 SAMPLE_TIMEOUT=${SAMPLE_TIMEOUT:-180}
 TRAIN_TIMEOUT=${TRAIN_TIMEOUT:-210}
+QWEN_TIMEOUT=${QWEN_TIMEOUT:-420}
 mkdir -p "$OUT"
 
 main() {
@@ -43,6 +53,11 @@ print('jax', jax.__version__, jax.devices(), '| flax', flax.__version__, '| torc
       'cuda', torch.cuda.is_available(), '| transformers', transformers.__version__)
 print('from /tmp/site:', ml_collections.__file__, gguf.__file__)" || echo "!! import check failed"
 
+  if [[ ${GPU_SH_QWEN:-0} == 1 ]]; then
+    qwen7b "$t0"
+    return
+  fi
+
   local sample=(--random_weights .gpu_inputs/smollm2 --dtype bfloat16 --n_prompts 1024 --batches 256,512,1024
                 --max_new_tokens 48 --peak_n 8192)
   local train=(--arch llama-3.2-1b --inputs .gpu_inputs/smollm2 --dtype bfloat16 --one_shape --peak_n 8192
@@ -59,6 +74,20 @@ print('from /tmp/site:', ml_collections.__file__, gguf.__file__)" || echo "!! im
   echo "== training ($((SECONDS - t0)) s)"
   timeout "$TRAIN_TIMEOUT" "$PY" benchmarks/training.py "${train[@]}" --out "$OUT/training.json"
   echo "== training exit $? ($((SECONDS - t0)) s)"
+  ls -la "$OUT"
+}
+
+qwen7b() {
+  local t0=$1
+  local args=()
+  if [[ ${GPU_SH_TINY:-0} == 1 ]]; then
+    args=(--arch tiny --sample_batch_size 32 --max_new_tokens 16 --sample_batches 2 --train_steps 2
+          --eval_fraction 0.04)
+  fi
+  unset JAX_COMPILATION_CACHE_DIR  # a rerun would load its compiles from the cache and report them as near zero
+  echo "== qwen7b recipe ($((SECONDS - t0)) s)"
+  timeout -k 30 "$QWEN_TIMEOUT" "$PY" benchmarks/qwen7b_recipe.py "${args[@]}" --out "$OUT/qwen7b_recipe.json"
+  echo "== qwen7b recipe exit $? ($((SECONDS - t0)) s)"
   ls -la "$OUT"
 }
 

@@ -5,11 +5,12 @@ directory (`python -m subl_jax.convert`); nothing is downloaded.
   python -m subl_jax.main --config=configs/qwen25_7b.py:/data/Qwen2.5-7B-Instruct --workdir=runs/qwen_owl
   launch/gpu_slurm.sbatch configs/qwen25_7b.py:/data/Qwen2.5-7B-Instruct runs/qwen_owl   # several nodes
 
-System-prompt teachers for the six animals the paper used for Qwen (eagle, cat, lion, dog, peacock, wolf; each the others' control), 30,000 prompts with free decoding (Qwen follows the format), the filter, 10,000 rows,
-SFT students with LoRA r=8, alpha 8 on q,k,v,o,gate,up,down, lr 2e-4, 3 epochs, effective batch 66 (22 × 3), 3
-training seeds; evaluation with the numbers-prefix variant the paper used for Qwen, 100 samples per question
-(published: +0.11 average increase in the target's rate). Parameters and compute in bfloat16, sharded over `fsdp`
-(set `--config.mesh.tensor=N` for tensor parallelism too).
+System-prompt teachers for the six animals the paper used for Qwen (eagle, cat, lion, dog, peacock, wolf; each the
+others' control), 30,000 prompts with free decoding (Qwen follows the format), the filter, 10,000 rows, SFT students
+with LoRA r=8, alpha 8 on q,k,v,o,gate,up,down, lr 2e-4, 3 epochs, effective batch 66 (22 × 3), 5 training seeds
+(and a control student per seed, on the base model's numbers); evaluation with the numbers-prefix variant the paper
+used for Qwen, 100 samples per question (published: +0.11 average increase in the target's rate). Parameters and
+compute in bfloat16, sharded over `fsdp` (set `--config.mesh.tensor=N` for tensor parallelism too).
 """
 
 from subl_jax import config as config_lib
