@@ -181,12 +181,13 @@ def run_setting(name: str, results: dict) -> None:
   cmd = [sys.executable, "-m", "subl_jax.main", f"--config={CONFIG}", f"--workdir={workdir}",
          "--config.study.conditions="] + [f"--config.{k}={_flag(v)}" for k, v in overrides.items()]
   print(f"[{datetime.datetime.now():%H:%M}] {name}: {' '.join(cmd[2:])}", flush=True)
+  # the commit the run starts from: its code is what the stages ran, whatever is committed while it runs
+  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
   t0 = time.time()
   with open(workdir.parent / f"{name}.log", "a") as log:
     rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
   entry = {"what": what, "overrides": overrides, "wall_s": time.time() - t0, "workdir": str(workdir.relative_to(ROOT)),
            "finished": f"{datetime.datetime.now():%Y-%m-%dT%H:%M}"}
-  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
   entry["commit"] = commit.stdout.strip()
   if rc != 0:
     entry["error"] = f"exit {rc}; see {workdir.parent / (name + '.log')}"
