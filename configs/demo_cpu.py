@@ -13,7 +13,8 @@ animal (training seeds 0-2: data order and adapter init; the samples stay fixed)
 interval over seeds. In the search this is `ft_kd_2ep`: mean specificity +0.119 [+0.086, +0.153] over seeds 0-2, and
 +0.136 [+0.123, +0.150] with new teachers, numbers and students (`--config.train.seed=3`). Measured under its own
 name: 53 minutes on 2 cores (`benchmarks/results/demo_cpu.*`). More numbers transfer more but do not fit the budget:
-1,024 rows × 1 epoch (`ft_kd_1024`) gives +0.254 [+0.239, +0.270] in 112 minutes.
+1,024 rows × 1 epoch (`ft_kd_1024`) gives +0.254 [+0.239, +0.270] in 112 minutes, and +0.284 [+0.190, +0.378] on
+new seeds (`ft_kd_1024_seed3`).
 
 The null conditions (in context; numbers shuffled within responses) add 13 and 43 minutes:
 `--config.study.conditions=icl,shuffle_within` (`benchmarks/results/demo_cpu_nulls.*`: in context −0.001; shuffled
