@@ -66,7 +66,8 @@ run() {  # device call 2
            --config.sample.shard_size=16 --config.model.dtype=float32)
   fi
   echo "== study ($((SECONDS - t0)) s)"
-  timeout -k 60 "$DEMO_TIMEOUT" "$PY" -m subl_jax.main "${flags[@]}"  # SIGTERM: stops after a training step (exit 75)
+  # SIGTERM stops training after its step (exit 75) and kills any other stage; either way a rerun resumes
+  timeout -k 60 "$DEMO_TIMEOUT" "$PY" -m subl_jax.main "${flags[@]}"
   echo "== study exit $? ($((SECONDS - t0)) s)"
   local wd=${flags[1]#--workdir=}
   cp "$wd"/report.{json,md,png} "$OUT"/ 2>/dev/null || echo "(no report yet: a second \`run\` resumes)"
