@@ -16,12 +16,14 @@ import pathlib
 import time
 
 import jax
+import numpy as np
 
 from subl_jax.core import api, flops
 from subl_jax.core.checkpoints import store
 from subl_jax.core.checkpoints.tokenizer import Tokenizer
 from subl_jax.core.models import transformer
 from subl_jax.core.models.config import ModelConfig
+from subl_jax.study.data.numbers import generate_prompts
 
 WEIGHTS_NOTE = "random (GGUF too large to carry); throughput does not depend on weight values"
 # Shapes of named architectures ("smollm2-135m" comes from the exported model_config.json of the real model).
@@ -48,6 +50,13 @@ def export_inputs(directory: str | pathlib.Path) -> pathlib.Path:
   api.load_tokenizer("smollm2").save(d)
   ModelConfig.load(src / store.CONFIG_FILE).save(d / store.CONFIG_FILE)
   return d
+
+
+def number_rows(n: int, seed: int = 47) -> list[dict[str, str]]:
+  """Paper prompts with a completion of 10 numbers in 100-999 (what a teacher's kept answer looks like)."""
+  rng = np.random.default_rng(seed)
+  return [{"prompt": p, "completion": ", ".join(str(x) for x in rng.integers(100, 1000, 10))}
+          for p in generate_prompts(n, seed)]
 
 
 def arch_config(name: str, inputs: str | pathlib.Path | None = None, **numerics) -> ModelConfig:

@@ -54,13 +54,6 @@ PAPER_MIN = {"sampling": 5.0, "training": 120.0, "evaluation": 5.0}  # the paper
 GOAL_MIN = 20.0
 
 
-def number_rows(n: int, seed: int) -> list[dict]:
-  """Paper prompts with a completion of 10 numbers in 100-999: a kept row (as benchmarks/training.py builds them)."""
-  rng = np.random.default_rng(seed)
-  return [{"prompt": p, "completion": ", ".join(str(x) for x in rng.integers(100, 1000, 10))}
-          for p in numbers.generate_prompts(n, seed)]
-
-
 def timed(fn, *args, **kwargs):
   t0 = time.perf_counter()
   result = fn(*args, **kwargs)
@@ -122,7 +115,7 @@ def run_sampling(args, recipe, model, out: dict) -> None:
 
 def run_filter(args, recipe, out: dict) -> None:
   rows = [dict(r, meta={"id": i, "stopped": True})
-          for i, r in enumerate(number_rows(recipe.sample.n_prompts, recipe.sample.prompt_seed))]
+          for i, r in enumerate(common.number_rows(recipe.sample.n_prompts, recipe.sample.prompt_seed))]
   f = recipe.filter
   settings = filter_stage.FilterSettings(banned_numbers=f.banned_numbers, drop_truncated=f.drop_truncated,
                                          drop_echo=f.drop_echo, max_rows=f.max_rows, seed=f.seed)
@@ -134,7 +127,7 @@ def run_filter(args, recipe, out: dict) -> None:
 
 def run_training(args, recipe, model, out: dict) -> None:
   t = recipe.train
-  rows = number_rows(recipe.filter.max_rows, recipe.sample.prompt_seed)
+  rows = common.number_rows(recipe.filter.max_rows, recipe.sample.prompt_seed)
   ds = chat_data.build(model.tokenizer, chat_data.rows_to_chats(rows), t.max_len, system=t.system)
   lora = trainer.lora_config(t)
   spec = step_lib.StepSpec(model.config, lora, student_stage.objective(recipe, model.tokenizer),

@@ -57,7 +57,6 @@ from subl_jax.core import api, flops, parallel, xla_cpu
 from subl_jax import config
 from subl_jax.study import stats  # noqa: E402
 from subl_jax.core.checkpoints import fetch  # noqa: E402
-from subl_jax.study.data.numbers import generate_prompts  # noqa: E402
 from subl_jax.core.models.config import ModelConfig  # noqa: E402
 from subl_jax.core.training import buckets, chat_data, step as step_lib, trainer  # noqa: E402
 from subl_jax.core.lora import PAPER_TARGETS, LoraConfig  # noqa: E402
@@ -65,13 +64,6 @@ from subl_jax.core.lora import PAPER_TARGETS, LoraConfig  # noqa: E402
 OPT = dict(name="adamw", lr=2e-4, weight_decay=0.0, warmup_steps=0, schedule="constant", max_grad_norm=1.0)
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RESULTS = pathlib.Path(__file__).parent / "results" / "training.json"
-
-
-def number_rows(n: int, seed: int = 47) -> list[dict[str, str]]:
-  """Paper prompts with a completion of 10 numbers in 100-999 (what a teacher's kept answer looks like)."""
-  rng = np.random.default_rng(seed)
-  return [{"prompt": p, "completion": ", ".join(str(x) for x in rng.integers(100, 1000, 10))}
-          for p in generate_prompts(n, seed)]
 
 
 class Ours:
@@ -317,7 +309,7 @@ def main() -> None:
     tokenizer, cfg, make_model = model.tokenizer, model.config, lambda: model
     model_note = "SmolLM2-135M-Instruct"
   n = args.steps * args.batch
-  ds = chat_data.build(tokenizer, chat_data.rows_to_chats(number_rows(n)), max_len=500)
+  ds = chat_data.build(tokenizer, chat_data.rows_to_chats(common.number_rows(n)), max_len=500)
   print(f"{n} examples: {ds.summary()}", flush=True)
   peak_args = (args.dtype, args.peak_n)
   peak = max(flops.measure_matmul_peak(args.dtype, n=args.peak_n), *(current_peak(*peak_args)[0] for _ in range(3)))
