@@ -185,27 +185,26 @@ class StopOnSignal(Hook):
   """SIGTERM/SIGINT (`checkpoint.StopRequest`) end the loop after the current step (the other hooks' `on_end`: the
   metrics logged, the state saved) and raise `checkpoint.Interrupted`; `note` ends its message.
 
-  A signal during the last step or the final save lets the loop end as usual; the trainer then calls
-  `raise_if_stopped`, so the job stops there too instead of going on to its next stage with the signal spent.
+  The raise is in `on_end`, which runs last of all hooks' (this hook is last), so a signal that comes during the last
+  step or the other hooks' final work (the last checkpoint) stops the job too, instead of being spent while the job
+  goes on to its next stage.
   """
 
   def __init__(self, note: str = ""):
-    self.note, self.stop, self.total = note, None, None
+    self.note, self.stop = note, None
 
   def on_start(self, loop: Loop) -> None:
-    self.stop, self.total = checkpoint.StopRequest().__enter__(), loop.total
+    self.stop = checkpoint.StopRequest().__enter__()
 
   def on_step(self, loop: Loop, step: int, metrics: Metrics) -> None:
-    if self.stop.requested is not None and step < loop.total:
-      loop.end()
-      raise checkpoint.Interrupted(f"stopped by signal {self.stop.requested} after step {step} of {loop.total}"
-                                   f"{self.note}")
+    if self.stop.requested is not None:
+      loop.end()  # raises, from `on_end`
 
-  def raise_if_stopped(self) -> None:
-    """After the loop returned: `checkpoint.Interrupted` if a signal came that no step acted on."""
-    if self.stop is not None and self.stop.requested is not None:
-      raise checkpoint.Interrupted(f"stopped by signal {self.stop.requested} after the last step ({self.total} of "
-                                   f"{self.total}){self.note}")
+  def on_end(self, loop: Loop) -> None:
+    if self.stop.requested is not None:
+      where = (f"the last step ({loop.step} of {loop.total})" if loop.step == loop.total
+               else f"step {loop.step} of {loop.total}")
+      raise checkpoint.Interrupted(f"stopped by signal {self.stop.requested} after {where}{self.note}")
 
   def close(self) -> None:
     if self.stop is not None:

@@ -144,15 +144,14 @@ def train(model: api.Model, ds: ChatDataset, train_cfg: Any, run_dir: str | path
   meta = lambda s: dict(step=s, epoch=s // spe, step_in_epoch=s % spe, lora=dataclasses.asdict(lora) if lora else None)
   log = metrics_log.MetricsLog(run_dir, resume_step=start)
   main = jax.process_index() == 0
-  stop = hooks_lib.StopOnSignal(f"; checkpoint saved in {ckpt_dir}")
   done = loop.run_loop(state, start, total, one_step, [
       hooks_lib.FiniteGuard(divergence_context),
       hooks_lib.MetricsLogger(log, cfg.log_every, spe, lambda s: float(schedule(s)), peak_flops),
       hooks_lib.Checkpointing(ckpts, meta),
       hooks_lib.Progress(progress and main),
       *([hooks_lib.Monitor(log, *monitor)] if monitor else []),
-      *hooks, stop])
-  stop.raise_if_stopped()
+      *hooks,
+      hooks_lib.StopOnSignal(f"; checkpoint saved in {ckpt_dir}")])
   rows = [r for r in metrics_log.read(run_dir) if "loss" in r] if main else []
   summary = dict(steps=total, steps_per_epoch=spe, epochs=cfg.epochs, resumed_from=start,
                  examples=len(ds), global_batch=global_batch, shared_prefix=spec.shared_prefix,
