@@ -20,8 +20,7 @@ import transformers
 from tokenizers import AddedToken, Tokenizer as Backend, decoders, models
 
 from subl_jax.core import api, parallel
-from subl_jax.core.checkpoints import hf_export, store
-from subl_jax.core.checkpoints import tokenizer as tokenizer_lib
+from subl_jax.core.checkpoints import gguf_tokenizer, hf_export, store
 from subl_jax.core.checkpoints.tokenizer import Tokenizer
 from subl_jax.core.models import transformer as tfm
 from subl_jax.core.models.config import ModelConfig
@@ -67,15 +66,15 @@ def one_device_mesh():
 
 def tiny_tokenizer(add_bos: bool) -> Tokenizer:
   """A byte-level BPE (digits split, as SmolLM2's) of 3 special tokens, the 256 bytes and a few merges."""
-  chars = [tokenizer_lib.bytes_to_unicode()[b] for b in range(256)]
+  chars = [gguf_tokenizer.bytes_to_unicode()[b] for b in range(256)]
   specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
   merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("o", "w"), ("Ġ", "ow"), ("Ġow", "l"), ("Ġ", "Ġ"), ("Ċ", "Ċ")]
   vocab = {t: i for i, t in enumerate(specials + chars + [a + b for a, b in merges])}
   backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-  backend.pre_tokenizer = tokenizer_lib.byte_level_pre_tokenizer("smollm")
+  backend.pre_tokenizer = gguf_tokenizer.byte_level_pre_tokenizer("smollm")
   backend.decoder = decoders.ByteLevel()
   backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-  backend.post_processor = tokenizer_lib._bos_post_processor("<|im_start|>", 1, add_bos)
+  backend.post_processor = gguf_tokenizer.bos_post_processor("<|im_start|>", 1, add_bos)
   return Tokenizer(backend, special_tokens={"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
                                             "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
                    chat_template=BOS_TEMPLATE if add_bos else CHATML, add_bos=add_bos)

@@ -25,7 +25,8 @@ import tokenizers
 from tokenizers import pre_tokenizers
 
 from subl_jax.core.checkpoints.chat_template import ChatTemplateError
-from subl_jax.core.checkpoints.tokenizer import Tokenizer, bytes_to_unicode
+from subl_jax.core.checkpoints.gguf_tokenizer import bytes_to_unicode
+from subl_jax.core.checkpoints.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 
