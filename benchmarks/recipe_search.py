@@ -81,6 +81,9 @@ SETTINGS: dict[str, tuple[str, dict, str | None]] = {
                          FT | {"sample.n_prompts": 1024, "sample.shard_size": 256, "train.seed": 3}, "ft_kd_1024"),
     "sp_kd_1024": ("sp_kd on 1,024 rows (4x the numbers and steps)",
                    SP | {"sample.n_prompts": 1024, "sample.shard_size": 256}, "sp_kd"),
+    # ft_kd_1024's 64 steps on ft_kd's 256 rows: is it the number of steps or of distinct numbers that grows transfer?
+    "ft_kd_4ep": ("ft_kd students for 4 epochs: ft_kd_1024's 64 steps on a quarter of its numbers",
+                  FT | {"train.epochs": 4}, "ft_kd"),
     "ft_kd_2048": ("ft_kd on 2,048 rows × 1 epoch: 128 steps, each row seen once",
                    FT | {"sample.n_prompts": 2048, "sample.shard_size": 256}, "ft_kd_1024"),
 }
