@@ -129,7 +129,7 @@ def summarize(report: dict) -> dict:
 def own_stages_s(report: dict, workdir: pathlib.Path) -> float:
   """Seconds of the stages that ran in `workdir`: a stage hard-linked from another setting has more than one link."""
   return sum(w for n, w in report.get("wall_s", {}).items()
-             if (workdir / n / "manifest.json").is_file() and (workdir / n / "manifest.json").stat().st_nlink == 1)
+             if (m := workdir / n / "manifest.json").is_file() and m.stat().st_nlink == 1)
 
 
 def _ci(s: dict) -> str:
